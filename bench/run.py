@@ -1,0 +1,1000 @@
+"""Loopback proxy benchmark: nginx direct vs nginx reverse proxy vs meshgate, in one run.
+
+Run from the repository root::
+
+    python bench/run.py [--duration 10] [--connections 50] [--out bench/out] [--access-log] [--profile]
+
+Targets (each gets a ~2 s warm-up, then one measured ``wrk --latency`` run):
+
+``direct``
+    wrk -> upstream nginx (``return 200`` with a 100-byte body). The baseline. Upstream nginx on core 0.
+``nginx-proxy``
+    wrk -> nginx reverse proxy (upstream keepalive pool, HTTP/1.1, ``Connection ""``) -> upstream nginx.
+``meshgate`` / ``meshgate-w2``
+    wrk -> ``python -m gateway run -c <generated yaml> [--workers 2]`` -> upstream nginx.
+``meshgate-accesslog`` (with ``--access-log``)
+    as ``meshgate`` with ``telemetry.logs.access_log: true``; stdout goes to /dev/null.
+
+Pinning (2-core machine): the process under test runs on core 0 (``taskset -c 0``); wrk (``-t1``) and, for the
+proxied targets, the upstream nginx (one worker) share core 1. For ``direct`` the upstream nginx *is* the process
+under test, so it is on core 0.
+
+Per target we record wrk's req/s, p50/p75/p90/p99 and error counts, the CPU time (utime+stime from
+``/proc/<pid>/stat``, whole process tree) of the process under test, of the upstream nginx and of wrk, divided by the
+number of requests, and each core's busy share from ``/proc/stat`` (shows which side saturated). Raw results go to
+``<out>/results.json``, a Markdown summary to ``<out>/summary.md``. With ``--profile`` meshgate (one worker) is then
+loaded again and sampled with py-spy: ``<out>/profile.svg``, ``<out>/profile.raw.txt`` and ``<out>/profile_top.txt``.
+
+Every process the harness starts lives in its own session and is stopped (SIGTERM, then SIGKILL of its process
+group) in a ``finally`` block, on errors and on Ctrl-C/SIGTERM too. Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PROXY_CORE = 0
+LOAD_CORE = 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Exactly 100 bytes, no characters that nginx would interpret inside a quoted string.
+BODY = ("meshgate-bench-" + "0123456789" * 9)[:99] + "\n"
+assert len(BODY) == 100
+ALL_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-w2", "meshgate-accesslog")
+
+
+class BenchError(RuntimeError):
+    """A target could not be started or measured."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# process management
+
+
+@dataclass
+class Managed:
+    """A process started by the harness (own session, so its pgid is its pid)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Processes:
+    """Starts processes and guarantees they are stopped again."""
+
+    def __init__(self) -> None:
+        self._items: list[Managed] = []
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log: Path | None = None,
+        stdout_devnull: bool = False,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Managed:
+        """Start ``argv`` in a new session; stderr (and stdout unless ``stdout_devnull``) go to ``log``."""
+        log_file = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed right after Popen
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if stdout_devnull else log_file,
+                stderr=log_file,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            if log:
+                log_file.close()  # type: ignore[union-attr]
+        item = Managed(name, proc, log)
+        self._items.append(item)
+        return item
+
+    def stop(self, item: Managed, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
+        """Signal ``item``, wait up to ``grace`` seconds, then SIGKILL its process group. Returns the exit code."""
+        if item not in self._items:
+            return item.proc.returncode
+        self._items.remove(item)
+        if item.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                item.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                item.proc.wait(grace)
+        # Whatever is left in the group (workers of a killed master, ...) is killed by group id.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(item.pid, signal.SIGKILL)
+        if item.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                item.proc.wait(5)
+        return item.proc.returncode
+
+    def stop_all(self) -> None:
+        """Stop everything still running, newest first."""
+        for item in reversed(list(self._items)):
+            self.stop(item, grace=5.0)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# /proc accounting
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and all its live descendants (scan of /proc, no CONFIG_PROC_CHILDREN needed)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children[ppid].append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, ()))
+    return pids
+
+
+def cpu_ticks(root: int) -> dict[int, int]:
+    """utime+stime (clock ticks) of ``root``'s process tree, per pid."""
+    ticks: dict[int, int] = {}
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks[pid] = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted after "comm"
+    return ticks
+
+
+def cpu_delta_s(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds spent between two :func:`cpu_ticks` snapshots (processes that appeared count from zero)."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) / CLK_TCK
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core (busy, total) jiffies from /proc/stat."""
+    out: dict[int, tuple[int, int]] = {}
+    with open("/proc/stat") as fh:
+        for line in fh:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if not m:
+                continue
+            vals = [int(v) for v in m.group(2).split()]
+            idle = vals[3] + vals[4]  # idle + iowait
+            total = sum(vals[:8])  # user..steal (guest is already in user)
+            out[int(m.group(1))] = (total - idle, total)
+    return out
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Busy share (0..1) of each core between two :func:`core_times` snapshots."""
+    busy: dict[str, float] = {}
+    for core, (b1, t1) in after.items():
+        b0, t0 = before.get(core, (0, 0))
+        busy[f"core{core}"] = round((b1 - b0) / (t1 - t0), 3) if t1 > t0 else 0.0
+    return busy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# wrk
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError(f"unparsable wrk time {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+@dataclass
+class WrkResult:
+    """One parsed ``wrk --latency`` run."""
+
+    requests: int
+    seconds: float
+    rps: float
+    latency_ms: dict[str, float]
+    socket_errors: dict[str, int]
+    non_2xx_3xx: int
+    wrk_cpu_s: float
+    output: str
+
+    @property
+    def errors(self) -> int:
+        return sum(self.socket_errors.values()) + self.non_2xx_3xx
+
+
+def parse_wrk(output: str, wrk_cpu_s: float = 0.0) -> WrkResult:
+    """Parse the text wrk prints with ``--latency``."""
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", output)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not m or not rps:
+        raise BenchError(f"wrk output not understood:\n{output}")
+    latency = {f"p{p}": _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", output, re.M)}
+    avg = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    if avg:
+        latency["avg"] = _ms(avg.group(1))
+        latency["max"] = _ms(avg.group(3))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    socket_errors: dict[str, int] = {}
+    if sock:
+        socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return WrkResult(
+        requests=int(m.group(1)),
+        seconds=_ms(m.group(2)) / 1e3,
+        rps=float(rps.group(1)),
+        latency_ms=latency,
+        socket_errors=socket_errors,
+        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        wrk_cpu_s=wrk_cpu_s,
+        output=output,
+    )
+
+
+def run_wrk(url: str, duration: float, connections: int, workdir: Path, timeout_s: float = 5.0) -> WrkResult:
+    """Run ``taskset -c LOAD_CORE wrk -t1`` for ``duration`` seconds; also returns wrk's own CPU time."""
+    out_path = workdir / "wrk.out"
+    argv = [
+        "taskset",
+        "-c",
+        str(LOAD_CORE),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        f"--timeout={timeout_s:g}s",
+        url,
+    ]
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + duration + 30
+    try:
+        while True:  # wait4 gives wrk's rusage (taskset execs wrk, same pid)
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                raise BenchError("wrk did not finish in time")
+            time.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    text = out_path.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited {proc.returncode}:\n{text}")
+    return parse_wrk(text, rusage.ru_utime + rusage.ru_stime)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# targets
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` (no proxies), returning status, headers and body; HTTP errors are returned, not raised."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers.items()), error.read()
+
+
+def wait_ready(url: str, item: Managed, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if item.proc.poll() is not None:
+            raise BenchError(f"{item.name} exited with {item.proc.returncode} before ready{_log_tail(item)}")
+        try:
+            status, _, _ = http_get(url, timeout=1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.1)
+    raise BenchError(f"{item.name} not ready at {url} after {timeout:g}s ({last}){_log_tail(item)}")
+
+
+def _log_tail(item: Managed, lines: int = 30) -> str:
+    if not item.log or not item.log.exists():
+        return ""
+    tail = item.log.read_text(errors="replace").splitlines()[-lines:]
+    return "\n--- " + str(item.log) + " (tail) ---\n" + "\n".join(tail)
+
+
+_NGINX_COMMON = """\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+{body}
+}}
+"""
+
+_UPSTREAM_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}
+    }}"""
+
+_PROXY_SERVER = """\
+    upstream backend {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Request-Id $request_id;
+        }}
+    }}"""
+
+
+def upstream_block(port: int) -> str:
+    """The upstream server block: ``return 200`` with :data:`BODY` (its trailing newline written as ``\\n``)."""
+    return _UPSTREAM_SERVER.format(port=port, body=BODY.rstrip("\n") + "\\n")
+
+
+def proxy_block(port: int, upstream: int) -> str:
+    """The reverse-proxy server block in front of ``upstream``."""
+    return _PROXY_SERVER.format(port=port, upstream=upstream)
+
+
+def nginx_conf(prefix: Path, server_block: str) -> str:
+    """A self-contained nginx config: no /etc includes, everything under ``prefix``, one worker."""
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return _NGINX_COMMON.format(user=user, prefix=prefix, body=server_block)
+
+
+def start_nginx(procs: Processes, name: str, workdir: Path, server_block: str, core: int, port: int) -> Managed:
+    """Start one nginx (``daemon off``, own prefix) pinned to ``core`` and wait until it serves ``port``."""
+    prefix = workdir / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, server_block))
+    argv = ["taskset", "-c", str(core), "nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    item = procs.start(name, argv, log=prefix / "stderr.log")
+    wait_ready(f"http://127.0.0.1:{port}/", item, timeout=10)
+    return item
+
+
+def meshgate_yaml(listen: int, admin: int, upstream: int, access_log: bool) -> str:
+    """The meshgate config used for all meshgate targets (one catch-all route, one static endpoint)."""
+    return f"""\
+service: bench
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+routes:
+  - {{name: all, match: {{path_prefix: /}}, cluster: upstream}}
+clusters:
+  - {{name: upstream, endpoints: ["127.0.0.1:{upstream}"], lb: round_robin}}
+telemetry: {{logs: {{level: info, access_log: {"true" if access_log else "false"}}}}}
+"""
+
+
+def start_meshgate(
+    procs: Processes, name: str, workdir: Path, upstream: int, workers: int, access_log: bool
+) -> tuple[Managed, int]:
+    """Start meshgate pinned to PROXY_CORE; wait for /readyz on the admin port. Returns (process, listen port)."""
+    listen, admin = free_port(), free_port()
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(meshgate_yaml(listen, admin, upstream, access_log))
+    argv = ["taskset", "-c", str(PROXY_CORE), sys.executable, "-m", "gateway", "run", "-c", str(cfg)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The access log is one JSON line per request on stdout: send it to /dev/null, as the brief asks.
+    item = procs.start(name, argv, log=workdir / f"{name}.log", stdout_devnull=access_log, cwd=REPO, env=env)
+    wait_ready(f"http://127.0.0.1:{admin}/readyz", item, timeout=60)
+    return item, listen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+@dataclass
+class TargetResult:
+    """Everything measured for one target."""
+
+    target: str
+    description: str
+    ok: bool = True
+    error: str | None = None
+    rps: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    requests: int | None = None
+    seconds: float | None = None
+    errors: int | None = None
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    non_2xx_3xx: int | None = None
+    proxy_cpu_s: float | None = None
+    proxy_us_per_req: float | None = None
+    proxy_cpu_util: float | None = None
+    upstream_us_per_req: float | None = None
+    wrk_us_per_req: float | None = None
+    core_busy: dict[str, float] = field(default_factory=dict)
+    proxy_pids: list[int] = field(default_factory=list)
+    sanity: dict[str, Any] = field(default_factory=dict)
+    warmup_rps: float | None = None
+    wrk_output: str | None = None
+
+
+def sanity_check(url: str) -> dict[str, Any]:
+    """One request through the target: must be 200 with the 100-byte body."""
+    status, headers, body = http_get(url)
+    if status != 200 or body != BODY.encode():
+        raise BenchError(f"sanity GET {url}: status {status}, body {body[:200]!r}")
+    return {"status": status, "body_bytes": len(body), "headers": headers}
+
+
+def measure(
+    target: str,
+    description: str,
+    url: str,
+    proxy_root: int,
+    upstream_root: int | None,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> TargetResult:
+    """Warm up, then one measured wrk run with CPU accounting around it."""
+    result = TargetResult(target, description)
+    result.sanity = sanity_check(url)
+    print(f"  [{target}] warm-up {args.warmup:g}s ...", flush=True)
+    warm = run_wrk(url, args.warmup, args.connections, workdir)
+    result.warmup_rps = warm.rps
+    print(f"  [{target}] measuring {args.duration:g}s ...", flush=True)
+    p0 = cpu_ticks(proxy_root)
+    u0 = cpu_ticks(upstream_root) if upstream_root else {}
+    c0 = core_times()
+    t0 = time.monotonic()
+    wrk = run_wrk(url, args.duration, args.connections, workdir)
+    wall = time.monotonic() - t0
+    c1 = core_times()
+    p1 = cpu_ticks(proxy_root)
+    u1 = cpu_ticks(upstream_root) if upstream_root else {}
+    proxy_cpu = cpu_delta_s(p0, p1)
+    result.rps = wrk.rps
+    result.latency_ms = wrk.latency_ms
+    result.requests = wrk.requests
+    result.seconds = wrk.seconds
+    result.errors = wrk.errors
+    result.socket_errors = wrk.socket_errors
+    result.non_2xx_3xx = wrk.non_2xx_3xx
+    result.proxy_cpu_s = round(proxy_cpu, 3)
+    result.proxy_pids = sorted(p1)
+    if wrk.requests:
+        result.proxy_us_per_req = round(proxy_cpu / wrk.requests * 1e6, 2)
+        result.wrk_us_per_req = round(wrk.wrk_cpu_s / wrk.requests * 1e6, 2)
+        if upstream_root:
+            result.upstream_us_per_req = round(cpu_delta_s(u0, u1) / wrk.requests * 1e6, 2)
+    result.proxy_cpu_util = round(proxy_cpu / wall, 3) if wall > 0 else None
+    result.core_busy = core_busy(c0, c1)
+    result.wrk_output = wrk.output
+    if wrk.errors:
+        result.error = f"wrk reported {wrk.errors} errors ({wrk.socket_errors}, non-2xx {wrk.non_2xx_3xx})"
+    return result
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to measure."""
+
+    name: str
+    kind: str  # direct | nginx-proxy | meshgate
+    description: str
+    workers: int = 1
+    access_log: bool = False
+
+
+TARGETS = {
+    "direct": Target("direct", "direct", f"wrk -> nginx upstream (upstream on core {PROXY_CORE})"),
+    "nginx-proxy": Target(
+        "nginx-proxy", "nginx-proxy", "wrk -> nginx reverse proxy (1 worker, keepalive pool) -> nginx upstream"
+    ),
+    "meshgate": Target("meshgate", "meshgate", "wrk -> meshgate (1 worker, access log off) -> nginx upstream"),
+    "meshgate-w2": Target(
+        "meshgate-w2", "meshgate", "wrk -> meshgate --workers 2 (both on core 0) -> nginx upstream", workers=2
+    ),
+    "meshgate-accesslog": Target(
+        "meshgate-accesslog",
+        "meshgate",
+        "wrk -> meshgate (1 worker, access log on, stdout to /dev/null) -> nginx upstream",
+        access_log=True,
+    ),
+}
+
+
+@contextlib.contextmanager
+def running(target: Target, procs: Processes, workdir: Path, up_port: int) -> Iterator[tuple[int, str]]:
+    """Start the process under test, pinned to PROXY_CORE; yield (root pid for CPU accounting, URL); stop it."""
+    if target.kind == "direct":
+        port = free_port()
+        item = start_nginx(procs, "upstream-direct", workdir, upstream_block(port), PROXY_CORE, port)
+    elif target.kind == "nginx-proxy":
+        port = free_port()
+        item = start_nginx(procs, "nginx-proxy", workdir, proxy_block(port, up_port), PROXY_CORE, port)
+    else:
+        item, port = start_meshgate(procs, target.name, workdir, up_port, target.workers, target.access_log)
+    try:
+        yield item.pid, f"http://127.0.0.1:{port}/"
+    finally:
+        code = procs.stop(item, grace=15)
+        if target.kind == "meshgate" and code != 0:
+            print(f"  [{target.name}] note: exit code {code} after SIGTERM", flush=True)
+
+
+def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> list[TargetResult]:
+    """Measure every selected target in order; a target that fails is recorded and the run goes on.
+
+    One upstream nginx (pinned to LOAD_CORE) serves all proxied targets; ``direct`` gets its own on PROXY_CORE.
+    """
+    names = [t for t in args.targets if t != "meshgate-accesslog" or args.access_log]
+    if args.access_log and "meshgate-accesslog" not in names:
+        names.append("meshgate-accesslog")
+    results: list[TargetResult] = []
+    upstream: Managed | None = None
+    up_port = free_port()
+    try:
+        for name in names:
+            target = TARGETS[name]
+            print(f"== {name}: {target.description}", flush=True)
+            if target.kind != "direct" and upstream is None:
+                upstream = start_nginx(procs, "upstream", workdir, upstream_block(up_port), LOAD_CORE, up_port)
+            try:
+                with running(target, procs, workdir, up_port) as (root, url):
+                    up_root = upstream.pid if upstream and target.kind != "direct" else None
+                    results.append(measure(name, target.description, url, root, up_root, args, workdir))
+            except (BenchError, OSError) as error:
+                print(f"  [{name}] FAILED: {error}", flush=True)
+                results.append(TargetResult(name, target.description, ok=False, error=str(error)))
+    finally:
+        if upstream:
+            procs.stop(upstream)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# profiling
+
+
+def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, out: Path) -> dict[str, Any]:
+    """Load a single-worker meshgate and sample it with py-spy: flamegraph, raw stacks, top self-time list."""
+    if not shutil.which("py-spy"):
+        raise BenchError("py-spy not found")
+    up_port = free_port()
+    upstream = start_nginx(procs, "upstream-profile", workdir, upstream_block(up_port), LOAD_CORE, up_port)
+    try:
+        mg, port = start_meshgate(procs, "meshgate-profile", workdir, up_port, 1, args.profile_access_log)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            sanity_check(url)
+            run_wrk(url, args.warmup, args.connections, workdir)
+            summary: dict[str, Any] = {}
+            for fmt, path in (("flamegraph", out / "profile.svg"), ("raw", out / "profile.raw.txt")):
+                print(f"  [profile] py-spy {fmt} {args.profile_duration:g}s ...", flush=True)
+                load = subprocess.Popen(  # background load slightly longer than the sampling window
+                    [
+                        "taskset",
+                        "-c",
+                        str(LOAD_CORE),
+                        "wrk",
+                        "-t1",
+                        f"-c{args.connections}",
+                        f"-d{round(args.profile_duration) + 3}s",
+                        url,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                try:
+                    time.sleep(1)
+                    spy = subprocess.run(
+                        [
+                            "taskset",
+                            "-c",
+                            str(LOAD_CORE),
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(mg.pid),
+                            "--duration",
+                            str(round(args.profile_duration)),
+                            "--rate",
+                            str(args.profile_rate),
+                            "--format",
+                            fmt,
+                            "-o",
+                            str(path),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=args.profile_duration + 60,
+                    )
+                    if spy.returncode != 0:
+                        raise BenchError(f"py-spy failed ({spy.returncode}): {spy.stderr.strip()[-2000:]}")
+                finally:
+                    load.wait(args.profile_duration + 30)
+            summary = summarize_profile(out / "profile.raw.txt")
+        finally:
+            procs.stop(mg, grace=15)
+    finally:
+        procs.stop(upstream)
+    (out / "profile_top.txt").write_text(format_profile(summary))
+    return summary
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _frame_key(frame: str) -> tuple[str, str, int]:
+    """``"func (path/file.py:123)"`` -> (func, short path, line); paths relative to the repo or site-packages."""
+    m = _FRAME.match(frame.strip())
+    if not m:
+        return frame.strip(), "", 0
+    path = m.group("file")
+    with contextlib.suppress(ValueError):
+        path = str(Path(path).relative_to(REPO))
+    for marker in ("site-packages/", "lib/python3.11/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return m.group("func"), path, int(m.group("line") or 0)
+
+
+_OURS = ("gateway/", "telemetry/", "policy/")
+
+
+def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive time per function from py-spy's collapsed-stack ("raw") output.
+
+    py-spy sees Python frames only: time in C code (socket writes, the json C encoder, uvloop) is self time of
+    the Python function that called it. Idle samples are not recorded, so percentages are of busy time.
+    """
+    self_t: collections.Counter[tuple[str, str]] = collections.Counter()
+    incl_t: collections.Counter[tuple[str, str]] = collections.Counter()
+    ours_lines: collections.Counter[tuple[str, str]] = collections.Counter()
+    by_area: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = [_frame_key(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        func, path, _ = frames[-1]
+        self_t[func, path] += count
+        by_area[_area(path)] += count
+        for func_i, path_i, _ in set(frames):
+            incl_t[func_i, path_i] += count
+        # the innermost meshgate frame: where our code spends (or calls into library code for) the time
+        for func_i, path_i, line_i in reversed(frames):
+            if path_i.startswith(_OURS):
+                ours_lines[func_i, f"{path_i}:{line_i}"] += count
+                break
+
+    def rows(counter: collections.Counter[tuple[str, str]], n: int, only_ours: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for (func, path), count in counter.most_common():
+            if only_ours and not path.startswith(_OURS):
+                continue
+            out.append({"function": func, "file": path, "samples": count, "pct": round(100 * count / total, 2)})
+            if len(out) >= n:
+                break
+        return out
+
+    return {
+        "total_samples": total,
+        "top_self": rows(self_t, top),
+        "top_inclusive_meshgate": rows(incl_t, top, only_ours=True),
+        "top_self_meshgate": rows(self_t, top, only_ours=True),
+        "innermost_meshgate_line": rows(ours_lines, top),
+        "self_by_area": [
+            {"area": a, "samples": c, "pct": round(100 * c / total, 2) if total else 0.0}
+            for a, c in by_area.most_common()
+        ],
+    }
+
+
+def _area(path: str) -> str:
+    if path.startswith(_OURS):
+        return path.split("/", 1)[0] + "/"
+    if "/" in path:
+        return path.split("/", 1)[0]
+    return path or "?"
+
+
+def format_profile(summary: dict[str, Any]) -> str:
+    """Human-readable profile summary."""
+    sections = [
+        ("Top functions by self time", "top_self"),
+        ("meshgate code (gateway/, telemetry/, policy/) by inclusive time", "top_inclusive_meshgate"),
+        ("meshgate code by self time", "top_self_meshgate"),
+        ("Innermost meshgate line on the stack (own work or the library call it makes)", "innermost_meshgate_line"),
+    ]
+    lines = [f"py-spy samples (non-idle): {summary.get('total_samples', 0)}"]
+    for title, key in sections:
+        lines += ["", f"{title}:"]
+        for i, row in enumerate(summary.get(key, []), 1):
+            lines.append(f"{i:3d}. {row['pct']:6.2f}%  {row['function']}  ({row['file']})")
+    lines += ["", "Self time by package/area:"]
+    for row in summary.get("self_by_area", []):
+        lines.append(f"     {row['pct']:6.2f}%  {row['area']}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
+    """Each target relative to direct and to nginx-proxy (req/s, p99 and CPU per request)."""
+    by = {r.target: r for r in results if r.ok}
+    direct, nginx = by.get("direct"), by.get("nginx-proxy")
+    out: dict[str, dict[str, float | None]] = {}
+    for r in results:
+        if not r.ok:
+            continue
+        p99 = r.latency_ms.get("p99")
+        out[r.target] = {
+            "rps_vs_direct": _ratio(r.rps, direct.rps) if direct else None,
+            "p99_vs_direct": _ratio(p99, direct.latency_ms.get("p99")) if direct else None,
+            "rps_vs_nginx_proxy": _ratio(r.rps, nginx.rps) if nginx else None,
+            "p99_vs_nginx_proxy": _ratio(p99, nginx.latency_ms.get("p99")) if nginx else None,
+            "cpu_per_req_vs_nginx_proxy": _ratio(r.proxy_us_per_req, nginx.proxy_us_per_req) if nginx else None,
+        }
+    return out
+
+
+def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]]) -> str:
+    """Markdown tables: absolute numbers, then ratios."""
+    lines = [
+        "| target | req/s | p50 ms | p99 ms | proxy µs CPU/req | proxy CPU util | upstream µs/req | wrk µs/req "
+        "| core0 busy | core1 busy | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if not r.ok:
+            lines.append(f"| {r.target} | FAILED: {(r.error or '').splitlines()[0][:80]} |||||||||| |")
+            continue
+        lines.append(
+            f"| {r.target} | {_fmt(r.rps, ',.0f')} | {_fmt(r.latency_ms.get('p50'), '.3f')} "
+            f"| {_fmt(r.latency_ms.get('p99'), '.3f')} | {_fmt(r.proxy_us_per_req, '.1f')} "
+            f"| {_fmt(r.proxy_cpu_util, '.0%')} | {_fmt(r.upstream_us_per_req, '.1f')} "
+            f"| {_fmt(r.wrk_us_per_req, '.1f')} | {_fmt(r.core_busy.get('core0'), '.0%')} "
+            f"| {_fmt(r.core_busy.get('core1'), '.0%')} | {r.errors} |"
+        )
+    lines += [
+        "",
+        "| target | req/s ÷ direct | p99 ÷ direct | req/s ÷ nginx-proxy | p99 ÷ nginx-proxy | CPU/req ÷ nginx-proxy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for target, row in rel.items():
+        lines.append(
+            f"| {target} | {_fmt(row['rps_vs_direct'], '.3f')} | {_fmt(row['p99_vs_direct'], '.2f')} "
+            f"| {_fmt(row['rps_vs_nginx_proxy'], '.3f')} | {_fmt(row['p99_vs_nginx_proxy'], '.2f')} "
+            f"| {_fmt(row['cpu_per_req_vs_nginx_proxy'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unavailable: {error}"
+    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "?"
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"]),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    for mod in ("aiohttp", "uvloop"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    return env
+
+
+# --------------------------------------------------------------------------------------------------------------
+# main
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target (default 2)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="output directory")
+    parser.add_argument("--access-log", action="store_true", help="also measure meshgate with access_log: true")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=ALL_TARGETS,
+        default=list(ALL_TARGETS),
+        help="subset of targets, in this order (default: all)",
+    )
+    parser.add_argument("--profile", action="store_true", help="afterwards, profile meshgate under load with py-spy")
+    parser.add_argument("--profile-only", action="store_true", help="only the py-spy profile, no measurements")
+    parser.add_argument("--profile-duration", type=float, default=10.0, help="py-spy seconds per format (default 10)")
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s (default 200)")
+    parser.add_argument("--profile-access-log", action="store_true", help="profile with access_log: true")
+    args = parser.parse_args(argv)
+    if not 1 <= args.duration <= 300 or not 0 <= args.warmup <= 60 or not 1 <= args.connections <= 10000:
+        parser.error("--duration must be 1..300 s, --warmup 0..60 s, --connections 1..10000")
+    if not 1 <= args.profile_duration <= 120:
+        parser.error("--profile-duration must be 1..120 s")
+    return args
+
+
+def _preflight() -> None:
+    missing = [tool for tool in ("nginx", "wrk", "taskset") if not shutil.which(tool)]
+    if missing:
+        raise SystemExit(f"missing tools: {', '.join(missing)}")
+    if len(os.sched_getaffinity(0)) < 2 or not {PROXY_CORE, LOAD_CORE} <= os.sched_getaffinity(0):
+        raise SystemExit(f"need cores {PROXY_CORE} and {LOAD_CORE} available for pinning")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; exit 0 if every selected target was measured without errors."""
+    args = _parse_args(argv)
+    _preflight()
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
+    procs = Processes()
+    workdir = out / "logs"  # configs, nginx prefixes and process logs of this run (replaced each run)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    started = time.monotonic()
+    record: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "method": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "wrk_threads": 1,
+            "proxy_core": PROXY_CORE,
+            "load_core": LOAD_CORE,
+            "pinning": f"process under test on core {PROXY_CORE}; wrk and (for proxied targets) the upstream nginx "
+            f"(1 worker) on core {LOAD_CORE}; for 'direct' the upstream nginx is on core {PROXY_CORE}",
+            "body_bytes": len(BODY),
+        },
+    }
+    results: list[TargetResult] = []
+    exit_code = 0
+    try:
+        if not args.profile_only:
+            results = run_targets(args, procs, workdir)
+            rel = ratios(results)
+            record["results"] = [asdict(r) for r in results]
+            record["ratios"] = rel
+            table = render(results, rel)
+            print()
+            print(table)
+            (out / "summary.md").write_text(table)
+            if any(not r.ok or r.errors for r in results):
+                exit_code = 1
+        if args.profile or args.profile_only:
+            print("== profile: meshgate (1 worker) under wrk load, py-spy", flush=True)
+            try:
+                record["profile"] = profile_meshgate(args, procs, workdir, out)
+                print(format_profile(record["profile"]))
+            except BenchError as error:
+                print(f"  [profile] FAILED: {error}", flush=True)
+                record["profile"] = {"error": str(error)}
+                exit_code = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        exit_code = 130
+    finally:
+        procs.stop_all()
+        record["elapsed_s"] = round(time.monotonic() - started, 1)
+        if results or "profile" in record:
+            (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"elapsed {record['elapsed_s']}s; results in {out / 'results.json'}", flush=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Wiring: build telemetry, the stage pipeline, the snapshot store and config source; run one gateway process.
+
+The stage order is written here once, with the reason for each position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from gateway.admin import AdminState, build_admin_app
+from gateway.config.errors import ConfigError
+from gateway.config.sources.file import FileSource, read_config
+from gateway.config.store import SnapshotStore
+from gateway.pipeline import Handler, Stage, compose
+from gateway.server import GatewayServer
+from gateway.serving import Serving
+from gateway.stages.forward import Forward
+from gateway.stages.observe import Observe
+from gateway.stages.rescue import Rescue
+from gateway.stages.route import RouteStage
+from gateway.upstream.clusters import Upstreams
+from telemetry import logging as tlogging
+from telemetry.metrics import Metrics
+
+__all__ = ["build_pipeline", "run_gateway"]
+
+log = structlog.get_logger("meshgate.gateway")
+
+
+def build_pipeline(metrics: Metrics, rng: random.Random) -> Handler:
+    stages: list[Stage] = [
+        # Outermost: sees every reply, local or proxied, and times the whole request including body streaming.
+        Observe(metrics),
+        # Inside observe so local replies are measured and logged; the only place errors become JSON replies.
+        Rescue(metrics),
+        # Normalizes the path before matching (and, later, before policy): nothing sees the raw path after this.
+        RouteStage(),
+    ]
+    return compose(stages, Forward(metrics, rng))
+
+
+async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    try:
+        first = read_config(config_path)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    tlogging.configure(first.logs.level, first.service)
+    metrics = Metrics()
+    rng = random.Random()
+    server = GatewayServer(build_pipeline(metrics, rng), metrics)
+    upstreams = Upstreams(rng, grace=first.limits.drain_timeout + 5.0)
+
+    def publish(serving: Serving) -> None:
+        previous = server.serving
+        server.serving = serving
+        if previous is not None and previous.snapshot.logs.level != serving.snapshot.logs.level:
+            tlogging.configure(serving.snapshot.logs.level, serving.snapshot.service)
+
+    store = SnapshotStore(upstreams, metrics, publish)
+    source = FileSource(config_path, store)
+    admin_state = AdminState()
+    admin_runner = web.AppRunner(
+        build_admin_app(admin_state, lambda: server.serving, metrics), access_log=None, handle_signals=False
+    )
+    await source.load_initial(first)
+    snapshot = first
+    try:
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
+        await server.start(
+            snapshot.listen.host,
+            snapshot.listen.port,
+            reuse_port=reuse_port,
+            drain_timeout=snapshot.limits.drain_timeout,
+        )
+    except OSError as exc:
+        log.error(
+            "listen_failed", error=exc.strerror or str(exc), listen=str(snapshot.listen), admin=str(snapshot.admin)
+        )
+        await server.stop()
+        await admin_runner.cleanup()
+        await upstreams.close()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(source.reload()))
+    source.start()
+    # Objects built at start-up live forever: move them out of the collector's way (cyclic GC showed up at 13% of
+    # native time in the profiled proxy), and collect young objects less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    log.info("gateway_started", listen=str(snapshot.listen), admin=str(snapshot.admin), version=1)
+
+    await stop.wait()
+    admin_state.draining = True
+    log.info("draining", drain_timeout=server.serving.snapshot.limits.drain_timeout if server.serving else None)
+    await source.stop()
+    await server.stop()
+    await admin_runner.cleanup()
+    await upstreams.close()
+    log.info("stopped")
+    return 0

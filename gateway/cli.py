@@ -1,0 +1,86 @@
+"""The ``meshgate`` command line: ``run``, ``check`` and ``demo``.
+
+Usage errors exit 2 (argparse), config errors exit 1 with one ``path: problem`` line each on stderr; no command
+prints a traceback for a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshgate", description="Observability-first telemetry and policy gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a gateway from a config file")
+    run.add_argument("-c", "--config", required=True, type=Path, help="gateway config file (YAML or JSON)")
+    run.add_argument("--workers", type=_positive_int, default=1, help="processes sharing the port (default 1)")
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True, type=Path, help="gateway config file (YAML or JSON)")
+
+    demo = commands.add_parser("demo", help="start a local stack: two demo upstreams and a gateway in front")
+    demo.add_argument("-c", "--config", type=Path, default=None, help="gateway config (default examples/gateway.yaml)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "run":
+            return _run(args.config, args.workers)
+        from gateway.demo import run_demo
+
+        return run_demo(args.config)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check(path: Path) -> int:
+    from gateway.config.sources.file import read_config
+
+    try:
+        read_config(path)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+def _run(path: Path, workers: int) -> int:
+    from gateway.config.sources.file import read_config
+    from gateway.workers import run_worker, run_workers
+
+    try:  # fail fast, once, before any worker starts
+        read_config(path)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    if workers == 1:
+        run_worker(str(path), reuse_port=False)
+    return run_workers(path, workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The config compiler: YAML/JSON text or a decoded document -> a frozen ``Snapshot``, or ``ConfigError``.
+
+Pure: no I/O, no clock (reading the file and stamping ``version``/``source``/``loaded_at`` is the caller's job).
+Every section is decoded even after a problem is found, so the error lists everything wrong at once. This module
+owns the top level, ``limits`` and ``telemetry``; ``routes.py`` and ``clusters.py`` own their sections.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Literal
+
+from gateway.config.clusters import ClusterSection, compile_clusters
+from gateway.config.document import canonical_hash, load_text, redact
+from gateway.config.errors import DOCUMENT, ConfigError, Problem
+from gateway.config.routes import compile_routes
+from gateway.config.schema import (
+    Fields,
+    Problems,
+    address,
+    boolean,
+    choice,
+    describe,
+    duration,
+    integer,
+    matching,
+    size,
+)
+from gateway.config.snapshot import Address, Limits, LogSettings, Route, Snapshot
+
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"]
+
+DEFAULT_LISTEN = Address("127.0.0.1", 8080)
+DEFAULT_ADMIN = Address("127.0.0.1", 9901)
+
+TOP_KEYS = ("service", "listen", "admin", "routes", "clusters", "limits", "telemetry")
+# authn/authz above all must never be ignored: a gateway that drops its authn section serves everything fail-open.
+TOP_UNSUPPORTED = ("authn", "authz", "config_service", "tls", "mesh")
+LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
+TELEMETRY_KEYS = ("logs",)
+TELEMETRY_UNSUPPORTED = ("tracing", "metrics")
+LOG_KEYS = ("level", "access_log")
+
+EscapedSlashes = Literal["unescape", "reject", "keep"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+ESCAPED_SLASHES: tuple[EscapedSlashes, ...] = ("unescape", "reject", "keep")
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+
+# The service name is service.name in telemetry and part of mesh identities: DNS-label-like.
+_SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+_SERVICE_HINT = 'use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit'
+_service = matching(_SERVICE, "service name", _SERVICE_HINT)
+_LIMITS = Limits()
+_LOGS = LogSettings()
+
+
+def compile_text(text: str) -> Snapshot:
+    """Decode YAML (or JSON) ``text`` and compile it; ``ConfigError`` lists every problem found."""
+    return compile_document(load_text(text))
+
+
+def compile_document(document: object) -> Snapshot:
+    """Compile an already decoded document (plain dicts, lists and scalars); ``ConfigError`` lists every problem."""
+    if document is None:
+        raise ConfigError([Problem(DOCUMENT, "the document is empty")])
+    if not isinstance(document, Mapping):
+        raise ConfigError([Problem(DOCUMENT, f"expected a mapping at the top level, got {describe(document)}")])
+    problems = Problems()
+    fields = Fields(document, "", problems, TOP_KEYS, TOP_UNSUPPORTED)
+    service = fields.required("service", _service)
+    listen, admin = _listeners(fields)
+    # Clusters are compiled first (routes refer to them) but their problems are listed after the routes', in the
+    # order the sections usually appear in a file.
+    cluster_problems = Problems()
+    section = _clusters(fields, cluster_problems)
+    routes = _routes(fields, section.names if section is not None else None)
+    problems.extend(cluster_problems)
+    limits = _limits(fields)
+    logs = _logs(fields)
+    if service is None or section is None or problems.since(0):
+        raise ConfigError(problems.items)
+    return Snapshot(
+        service=service,
+        listen=listen,
+        admin=admin,
+        routes=tuple(routes),
+        clusters=section.clusters,
+        limits=limits,
+        logs=logs,
+        hash=canonical_hash(document),
+        document=redact(document),
+    )
+
+
+def _clusters(top: Fields, problems: Problems) -> ClusterSection | None:
+    if not top.has("clusters"):
+        problems.add("clusters", "required")
+        return None
+    return compile_clusters(top.raw["clusters"], problems)
+
+
+def _routes(top: Fields, cluster_names: Collection[str] | None) -> list[Route]:
+    if not top.has("routes"):
+        top.problems.add("routes", "required")
+        return []
+    return compile_routes(top.raw["routes"], top.problems, cluster_names)
+
+
+def _listeners(fields: Fields) -> tuple[Address, Address]:
+    mark = fields.problems.mark()
+    listen = fields.get("listen", address, DEFAULT_LISTEN)
+    admin = fields.get("admin", address, DEFAULT_ADMIN)
+    if fields.problems.since(mark) or listen.port != admin.port:
+        return listen, admin
+    if listen.host.lower() == admin.host.lower():
+        fields.problems.add(fields.at("admin"), f"must differ from listen ({listen})")
+    elif _wildcard_overlap(listen.host, admin.host):
+        # Binding a wildcard and a specific host on one port fails at startup; say so at check time instead.
+        fields.problems.add(fields.at("admin"), f"uses the same port as listen ({listen})")
+    return listen, admin
+
+
+def _wildcard_overlap(a: str, b: str) -> bool:
+    """Would binding both hosts on one port clash? ``::`` is dual-stack (clashes with all), ``0.0.0.0`` with IPv4."""
+    if "::" in (a, b):
+        return True
+    other = b if a == "0.0.0.0" else a if b == "0.0.0.0" else None
+    return other is not None and ":" not in other  # an IPv6 host is another address family
+
+
+def _limits(top: Fields) -> Limits:
+    if not top.has("limits"):
+        return _LIMITS
+    fields = Fields.of(top.raw["limits"], "limits", top.problems, LIMIT_KEYS)
+    if fields is None:
+        return _LIMITS
+    return Limits(
+        max_request_line=fields.get("max_request_line", size(positive=True), _LIMITS.max_request_line),
+        max_header_size=fields.get("max_header_size", size(positive=True), _LIMITS.max_header_size),
+        max_headers=fields.get("max_headers", integer(1), _LIMITS.max_headers),
+        max_body_size=_max_body_size(fields),
+        drain_timeout=fields.get("drain_timeout", duration(positive=False), _LIMITS.drain_timeout),
+        escaped_slashes=fields.get("escaped_slashes", choice(ESCAPED_SLASHES, "mode"), _LIMITS.escaped_slashes),
+    )
+
+
+def _max_body_size(fields: Fields) -> int | None:
+    if fields.raw.get("max_body_size") is None:
+        return None  # null is the documented "unlimited": a value here, not a type error
+    return fields.optional("max_body_size", size(positive=False))
+
+
+def _logs(top: Fields) -> LogSettings:
+    if not top.has("telemetry"):
+        return _LOGS
+    telemetry = Fields.of(top.raw["telemetry"], "telemetry", top.problems, TELEMETRY_KEYS, TELEMETRY_UNSUPPORTED)
+    if telemetry is None or not telemetry.has("logs"):
+        return _LOGS
+    fields = Fields.of(telemetry.raw["logs"], "telemetry.logs", top.problems, LOG_KEYS)
+    if fields is None:
+        return _LOGS
+    return LogSettings(
+        level=fields.get("level", choice(LOG_LEVELS, "level"), _LOGS.level),
+        access_log=fields.get("access_log", boolean, _LOGS.access_log),
+    )

@@ -1,0 +1,186 @@
+"""The compiled, immutable configuration a gateway serves from.
+
+Everything here is plain frozen data produced once by ``compile.py``: regexes are compiled, durations are float
+seconds, names are resolved, cumulative split weights are precomputed. The request path only reads it; a reload
+builds a whole new ``Snapshot`` and swaps it in atomically (see ``store.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "Address",
+    "Cluster",
+    "DnsDiscovery",
+    "EndpointSpec",
+    "HashOn",
+    "HeaderMatch",
+    "Limits",
+    "LogSettings",
+    "LbPolicy",
+    "Rewrite",
+    "Route",
+    "RouteMatch",
+    "Snapshot",
+    "WeightedCluster",
+    "LB_POLICIES",
+]
+
+LbPolicy = Literal["round_robin", "weighted_round_robin", "random", "least_request", "peak_ewma", "ring_hash"]
+LB_POLICIES: tuple[LbPolicy, ...] = (
+    "round_robin",
+    "weighted_round_robin",
+    "random",
+    "least_request",
+    "peak_ewma",
+    "ring_hash",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A ``host:port`` pair; ``host`` is kept as written (IPv6 without brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One request-header condition. ``name`` is lower-case; exactly one kind applies."""
+
+    name: str
+    kind: Literal["exact", "prefix", "regex", "present"]
+    value: str = ""
+    pattern: re.Pattern[str] | None = None
+
+    def matches(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.kind == "exact":
+            return value == self.value
+        if self.kind == "prefix":
+            return value.startswith(self.value)
+        if self.kind == "regex":
+            assert self.pattern is not None
+            return self.pattern.fullmatch(value) is not None
+        return True  # present
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """Conditions of a route; all given ones must hold. At most one of the three path kinds is set."""
+
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: frozenset[str] | None = None  # upper-case; None = any
+    host: str | None = None  # lower-case, no port; "*.example.com" matches one or more labels
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """``prefix`` replaces the matched ``path_prefix`` (or the whole ``path``); ``host`` replaces the Host header."""
+
+    prefix: str | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: RouteMatch
+    split: tuple[WeightedCluster, ...]  # one entry when the route names a single `cluster`
+    cumulative_weights: tuple[int, ...]  # running sums of split weights, for bisect
+    rewrite: Rewrite | None = None
+    timeout: float | None = None  # seconds, whole request; None = no route deadline
+    auth: Literal["required", "optional", "none"] = "required"
+
+    @property
+    def total_weight(self) -> int:
+        return self.cumulative_weights[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """Resolve ``host`` to every A/AAAA record every ``refresh`` seconds; each record becomes ``ip:port``."""
+
+    host: str
+    port: int
+    refresh: float
+
+
+@dataclass(frozen=True, slots=True)
+class HashOn:
+    """What ``ring_hash`` hashes: a request header, a cookie, or the client address."""
+
+    kind: Literal["header", "cookie", "client"]
+    name: str = ""  # header name (lower-case) or cookie name
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    endpoints: tuple[EndpointSpec, ...] = ()  # static list; empty when `dns` is set
+    dns: DnsDiscovery | None = None
+    lb: LbPolicy = "round_robin"
+    hash_on: HashOn = HashOn("client")
+    connect_timeout: float = 1.0
+    max_connections: int = 1024  # keep-alive pool size per cluster
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Request limits enforced at the listener (400/413 replies)."""
+
+    max_request_line: int = 8190
+    max_header_size: int = 8190
+    max_headers: int = 100
+    max_body_size: int | None = None  # bytes; None = unlimited (bodies are streamed, never buffered)
+    drain_timeout: float = 15.0
+    escaped_slashes: Literal["unescape", "reject", "keep"] = "unescape"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One validated configuration. ``routes`` is in file order (first match wins)."""
+
+    service: str
+    listen: Address
+    admin: Address
+    routes: tuple[Route, ...]
+    clusters: Mapping[str, Cluster]
+    limits: Limits = Limits()
+    logs: LogSettings = LogSettings()
+    # Provenance, for /config and the reload log.
+    version: int = 0
+    source: str = ""
+    hash: str = ""
+    loaded_at: float = 0.0
+    document: Mapping[str, Any] = field(default_factory=dict)  # the decoded config, secrets redacted

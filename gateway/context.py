@@ -1,0 +1,62 @@
+"""RequestContext: the per-request state every stage reads and fills in.
+
+One slotted object per request, created by ``server.py``. It pins the serving state (config snapshot plus the
+upstream runtimes built for it) for the whole request, so a reload mid-request never mixes two configs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp.web import BaseRequest
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.config.snapshot import Route
+    from gateway.serving import Serving
+
+__all__ = ["RequestContext"]
+
+
+class RequestContext:
+    __slots__ = (
+        "attempts",
+        "body_error",
+        "client_ip",
+        "client_port",
+        "cluster",
+        "deadline",
+        "endpoint",
+        "path",
+        "query",
+        "reason",
+        "request",
+        "request_id",
+        "route",
+        "scheme",
+        "serving",
+        "started",
+        "status",
+    )
+
+    def __init__(self, request: BaseRequest, serving: Serving, started: float) -> None:
+        self.request = request
+        self.serving = serving
+        self.started = started  # time.perf_counter() at accept; loop.time() may tick in whole milliseconds
+        self.request_id = ""
+        self.client_ip = ""
+        self.client_port = 0
+        self.scheme = "http"
+        self.path = ""  # normalized path: what routing, policy and the upstream see
+        self.query = ""  # raw (still percent-encoded) query string, forwarded as received
+        self.route: Route | None = None
+        self.cluster = ""  # the cluster picked for this request ("" before forwarding)
+        self.endpoint = ""  # "host:port" of the last attempt
+        self.attempts = 0
+        self.deadline: float | None = None  # loop.time() by which upstream response headers must arrive
+        self.status = 0  # final status sent to the client
+        self.reason = ""  # local reply code, "" when the upstream answered
+        # Set when reading the client's body failed inside the upstream client's writer task (which would
+        # otherwise surface it as a generic connection error): the real cause, to reply with.
+        self.body_error: GatewayError | None = None

@@ -1,0 +1,62 @@
+"""Typed local replies: every response the gateway makes itself is one of these, rendered once in `rescue`.
+
+A stage that refuses a request raises a ``GatewayError``; the ``rescue`` stage turns it into the contract's JSON
+body ``{"error", "message", "request_id", "trace_id"}`` with the status it carries. ``code`` is also the bounded
+``reason`` label of ``meshgate_local_replies_total``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "BadRequest",
+    "GatewayError",
+    "NoHealthyUpstream",
+    "PayloadTooLarge",
+    "RouteNotFound",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class GatewayError(Exception):
+    """A local reply: HTTP ``status``, contract ``code`` and a human ``message``."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: Mapping[str, str] = headers or {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    code = "route_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class NoHealthyUpstream(GatewayError):
+    status = 503
+    code = "no_healthy_upstream"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"

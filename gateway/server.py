@@ -1,0 +1,134 @@
+"""The data-plane listener: aiohttp's low-level server, one handler, and protocol errors as contract replies.
+
+The low-level ``web.Server`` is used instead of ``web.Application``: a proxy has one catch-all handler, so the
+router, middlewares and per-request app plumbing would be pure overhead. Requests that aiohttp's parser rejects
+(request line or headers over the limits, malformed framing) never reach the pipeline; ``_ProtocolHandler`` turns
+them into the same JSON local reply, access log line and counter as every other local reply.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.context import RequestContext
+from gateway.errors import BadRequest, GatewayError
+from gateway.headers import new_request_id
+from gateway.pipeline import Handler
+from gateway.serving import Serving
+from gateway.stages.rescue import local_reply
+from telemetry.metrics import Metrics
+
+__all__ = ["GatewayServer"]
+
+access_log = structlog.get_logger("meshgate.access")
+
+
+class GatewayServer:
+    """Owns the listener; ``serving`` is read once per request (the atomic-swap point)."""
+
+    def __init__(self, pipeline: Handler, metrics: Metrics) -> None:
+        self.serving: Serving | None = None
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._runner: web.ServerRunner | None = None
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        serving = self.serving
+        assert serving is not None  # the listener starts only after the first config is serving
+        ctx = RequestContext(request, serving, time.perf_counter())
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if peer:
+            ctx.client_ip, ctx.client_port = peer[0], peer[1]
+        return await self._pipeline(ctx)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool, drain_timeout: float) -> None:
+        serving = self.serving
+        assert serving is not None
+        limits = serving.snapshot.limits
+        server = _Server(
+            self.handle,
+            metrics=self._metrics,
+            handler_cancellation=True,  # a client that disconnects cancels its upstream call
+            max_line_size=limits.max_request_line,
+            max_field_size=limits.max_header_size,
+            max_headers=limits.max_headers,
+            auto_decompress=False,  # forward compressed request bodies untouched
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=drain_timeout)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout), close connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class _Server(web.Server):
+    def __init__(self, handler: Any, *, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.metrics = metrics
+
+    def __call__(self) -> RequestHandler:
+        return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _ProtocolHandler(RequestHandler):
+    """aiohttp's connection handler with protocol-level errors rendered as the contract's JSON reply."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        error: GatewayError
+        if status == 400 or isinstance(exc, http_exceptions.HttpProcessingError):
+            error = BadRequest(_describe(exc))
+        else:
+            error = GatewayError("internal error")
+        request_id = new_request_id()
+        response = local_reply(error, request_id)
+        response.force_close()
+        manager = self._manager
+        if isinstance(manager, _Server):
+            manager.metrics.local_replies.labels("unmatched", error.code).inc()
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        access_log.info(
+            "request",
+            request_id=request_id,
+            method=None,
+            path=None,
+            route="unmatched",
+            status=error.status,
+            duration_ms=0.0,
+            upstream=None,
+            attempts=0,
+            client_address=peer[0] if peer else None,
+            decision_id=None,
+            reason=error.code,
+            detail=error.message,
+        )
+        return response
+
+
+def _describe(exc: BaseException | None) -> str:
+    """A one-line, client-safe description of a parser error."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return "request line or header field too long"
+    if isinstance(exc, http_exceptions.HttpProcessingError):
+        text = (exc.message or type(exc).__name__).strip().splitlines()
+        return f"malformed request: {text[0] if text else type(exc).__name__}"
+    return "malformed request"

@@ -1,0 +1,447 @@
+"""Load balancers: choose one ``Endpoint`` of a cluster per request attempt.
+
+One class per policy in ``LB_POLICIES``; ``build_balancer`` maps a policy name to a fresh instance. Each balancer has
+two halves with different budgets:
+
+* ``update(endpoints)`` runs when the endpoint set changes (DNS refresh, config reload) and precomputes whatever
+  ``pick`` needs: schedules, cumulative weights, the hash ring.
+* ``pick(hash_key, now, avoid)`` runs per attempt on the hot path: O(1) or O(log n) when the first candidate is
+  usable, no per-call lists. Degraded cases (candidates unavailable) fall back to a bounded linear scan.
+
+Shared contract of ``pick``:
+
+* endpoints whose ``available`` is False are skipped; when none is available the result is None and the caller
+  decides (the pick stage replies 503). There is no Envoy-style "panic mode" here: that is a caller policy.
+* ``avoid`` (the endpoint the previous attempt failed on) is passed over when any other available endpoint exists,
+  and returned when it is the only available one, so a retry never fails for want of a *different* endpoint.
+* ``hash_key`` is used by ``ring_hash`` only; ``now`` by ``peak_ewma`` only. The others ignore them.
+
+Pure: randomness comes from the injected ``random.Random``, time from ``now``. Not thread-safe; one event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import struct
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from gateway.config.snapshot import LB_POLICIES, LbPolicy
+from gateway.upstream.state import Endpoint
+
+__all__ = [
+    "Balancer",
+    "LeastRequest",
+    "PeakEwma",
+    "RandomBalancer",
+    "RingHash",
+    "RoundRobin",
+    "WeightedRoundRobin",
+    "build_balancer",
+    "hash_key_64",
+]
+
+# Random draws before a random balancer gives up sampling and scans: enough that a single unavailable or avoided
+# endpoint almost never forces the scan, few enough that an outage costs little per request.
+_SAMPLE_TRIES = 3
+# Upper bound on the work (cycle length x endpoints) spent precomputing a smooth-WRR cycle in update(), ~15 ms of
+# CPU here. Bigger weight sets run nginx's per-pick algorithm instead: same sequence, O(n) per pick.
+_MAX_SCHEDULE_WORK = 1 << 18
+DEFAULT_VNODES_PER_WEIGHT = 256  # ring points per weight unit; ~6% spread of load between equal endpoints
+DEFAULT_MAX_RING = 1 << 16  # ring points in total; past it the per-unit count shrinks (see RingHash)
+
+
+@runtime_checkable
+class Balancer(Protocol):
+    """Chooses an endpoint per attempt. See the module docstring for the shared contract."""
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoint set of the last ``update``, in the order given."""
+        ...
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the endpoint set; precompute what ``pick`` needs (O(n) or O(n log n))."""
+        ...
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        """One available endpoint, preferring one other than ``avoid``; None when none is available."""
+        ...
+
+
+def _scan(endpoints: Sequence[Endpoint], start: int, avoid: Endpoint | None) -> Endpoint | None:
+    """The slow path: first available endpoint other than ``avoid`` circularly from ``start``; else ``avoid`` if it
+    is in the set and available; else None."""
+    n = len(endpoints)
+    fallback: Endpoint | None = None
+    i = start
+    for _ in range(n):
+        if i >= n:
+            i = 0
+        endpoint = endpoints[i]
+        i += 1
+        if endpoint.available:
+            if endpoint is not avoid:
+                return endpoint
+            fallback = endpoint
+    return fallback
+
+
+class _Base:
+    __slots__ = ("_endpoints", "_rng")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+
+class RoundRobin(_Base):
+    """Each available endpoint in turn, ignoring weights."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self._next = 0
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        # Start at a random offset, as Envoy does, so replicas restarted together do not all hit endpoint 0 first.
+        self._next = self._rng.randrange(len(self._endpoints)) if self._endpoints else 0
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        endpoints = self._endpoints
+        n = len(endpoints)
+        i = self._next
+        fallback: Endpoint | None = None
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            endpoint = endpoints[i]
+            i += 1
+            if endpoint.available:
+                if endpoint is not avoid:
+                    self._next = i
+                    return endpoint
+                fallback = endpoint
+        return fallback
+
+
+def _smooth_step(weights: Sequence[int], current: list[int], eligible: Sequence[bool]) -> int:
+    """One step of nginx's smooth WRR over the eligible indices, updating ``current``; the chosen index or -1."""
+    best = -1
+    best_current = 0
+    total = 0
+    for i, weight in enumerate(weights):
+        if not eligible[i]:
+            continue
+        value = current[i] + weight
+        current[i] = value
+        total += weight
+        if best < 0 or value > best_current:  # strict '>': the first of equals wins, as in nginx
+            best = i
+            best_current = value
+    if best >= 0:
+        current[best] -= total
+    return best
+
+
+class WeightedRoundRobin(_Base):
+    """nginx's smooth weighted round robin: deterministic, each endpoint's turns spread evenly over the cycle.
+
+    Every step each endpoint's ``current`` grows by its weight, the largest (first on ties) is chosen and loses the
+    total weight. For weights 5,1,1 that gives ``a a b a c a a``. The cycle (total weight / gcd steps long) is
+    precomputed in ``update`` so ``pick`` just walks it; an unavailable endpoint's turns are skipped, which keeps
+    the others' shares in proportion. When the cycle would be too costly to precompute, ``pick`` runs the same
+    step live over the available endpoints, as nginx itself does.
+    """
+
+    __slots__ = ("_current", "_next", "_schedule", "_weights")
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self._schedule: tuple[Endpoint, ...] | None = ()
+        self._next = 0
+        self._weights: tuple[int, ...] = ()
+        self._current: list[int] = []
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        self._next = 0
+        divisor = math.gcd(*(e.weight for e in self._endpoints)) if self._endpoints else 1
+        self._weights = tuple(e.weight // divisor for e in self._endpoints)
+        self._current = [0] * len(self._endpoints)
+        total = sum(self._weights)
+        if total == len(self._endpoints):
+            self._schedule = self._endpoints  # all weights equal: the cycle is plain round robin in list order
+        elif total * len(self._endpoints) <= _MAX_SCHEDULE_WORK:
+            current = [0] * len(self._endpoints)
+            everyone = [True] * len(self._endpoints)  # the cycle covers all endpoints; pick skips unavailable ones
+            self._schedule = tuple(
+                self._endpoints[_smooth_step(self._weights, current, everyone)] for _ in range(total)
+            )
+        else:
+            self._schedule = None
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        schedule = self._schedule
+        if schedule is None:
+            eligible = [e.available and e is not avoid for e in self._endpoints]
+            best = _smooth_step(self._weights, self._current, eligible)
+            if best >= 0:
+                return self._endpoints[best]
+            return avoid if avoid is not None and avoid.available and avoid in self._endpoints else None
+        n = len(schedule)
+        i = self._next
+        fallback: Endpoint | None = None
+        for _ in range(n):  # one pass at most; only reached past the first entry when some are unavailable
+            if i >= n:
+                i = 0
+            endpoint = schedule[i]
+            i += 1
+            if endpoint.available:
+                if endpoint is not avoid:
+                    self._next = i
+                    return endpoint
+                fallback = endpoint
+        return fallback
+
+
+class RandomBalancer(_Base):
+    """Random choice, probability proportional to weight (bisect over cumulative weights; O(1) if all equal)."""
+
+    __slots__ = ("_cumulative", "_total")
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self._cumulative: list[int] | None = None  # None = all weights equal
+        self._total = 0
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        weights = [e.weight for e in self._endpoints]
+        if len(set(weights)) <= 1:
+            self._cumulative = None
+            self._total = len(weights)
+            return
+        running = 0
+        cumulative = []
+        for weight in weights:
+            running += weight
+            cumulative.append(running)
+        self._cumulative = cumulative
+        self._total = running
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        endpoints = self._endpoints
+        n = len(endpoints)
+        if n == 0:
+            return None
+        rng = self._rng
+        cumulative = self._cumulative
+        # Rejection sampling keeps the weighted distribution exact over the eligible endpoints.
+        for _ in range(_SAMPLE_TRIES):
+            if cumulative is None:
+                endpoint = endpoints[rng.randrange(n)]
+            else:
+                endpoint = endpoints[bisect_right(cumulative, rng.randrange(self._total))]
+            if endpoint.available and endpoint is not avoid:
+                return endpoint
+        return _scan(endpoints, rng.randrange(n), avoid)
+
+
+class _PowerOfTwoChoices(_Base):
+    """Sample two distinct endpoints uniformly, keep the one with the lower ``_load``.
+
+    P2C gets close to "least loaded" without reading every endpoint, and the randomness keeps many independent
+    gateways from all piling onto the same momentarily idle endpoint (the herd a global argmin causes).
+    """
+
+    __slots__ = ()
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+
+    def _load(self, endpoint: Endpoint, now: float) -> float:
+        raise NotImplementedError
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        endpoints = self._endpoints
+        n = len(endpoints)
+        if n < 2:
+            return endpoints[0] if n == 1 and endpoints[0].available else None
+        rng = self._rng
+        for _ in range(_SAMPLE_TRIES):
+            i = rng.randrange(n)
+            j = rng.randrange(n - 1)
+            if j >= i:  # two distinct indices without a retry loop
+                j += 1
+            a = endpoints[i]
+            b = endpoints[j]
+            a_ok = a.available and a is not avoid
+            b_ok = b.available and b is not avoid
+            if a_ok and b_ok:
+                # Strict '<': on a tie the first (uniformly random) sample wins, so ties are broken at random.
+                return b if self._load(b, now) < self._load(a, now) else a
+            if a_ok:
+                return a
+            if b_ok:
+                return b
+        return _scan(endpoints, rng.randrange(n), avoid)
+
+
+class LeastRequest(_PowerOfTwoChoices):
+    """P2C on in-flight requests (Envoy's LEAST_REQUEST, choice_count 2).
+
+    Load is ``(in_flight + 1) / weight``, which is exactly "fewer in-flight wins" when weights are equal and lets a
+    weight-2 endpoint carry twice the concurrency otherwise.
+    """
+
+    __slots__ = ()
+
+    def _load(self, endpoint: Endpoint, now: float) -> float:
+        return (endpoint.in_flight + 1) / endpoint.weight
+
+
+class PeakEwma(_PowerOfTwoChoices):
+    """P2C on ``Endpoint.cost`` (latency estimate x queued work), Linkerd's default balancer; cost / weight."""
+
+    __slots__ = ()
+
+    def _load(self, endpoint: Endpoint, now: float) -> float:
+        return endpoint.cost(now) / endpoint.weight
+
+
+def hash_key_64(key: str) -> int:
+    """Stable 64-bit hash of a request's hash key: same value in every process and run (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _ring_points(key: str, count: int) -> list[int]:
+    """``count`` stable 64-bit ring points for an endpoint; a prefix of the points for any larger count.
+
+    Ketama-style: one 64-byte BLAKE2b digest per block of 8 points, so building a ring costs count / 8 hashes.
+    """
+    points: list[int] = []
+    block = 0
+    while len(points) < count:
+        digest = hashlib.blake2b(f"{key}#{block}".encode("utf-8", "surrogatepass"), digest_size=64).digest()
+        points.extend(struct.unpack("<8Q", digest))
+        block += 1
+    del points[count:]
+    return points
+
+
+class RingHash(_Base):
+    """Consistent hashing on a ring of virtual nodes (ketama / Envoy ``RING_HASH``).
+
+    Each endpoint owns ``weight / gcd(weights) * vnodes_per_weight`` points derived from its address alone, so
+    adding or removing an endpoint only moves the keys that land on its points: no key moves between endpoints
+    that stay. A key maps to the first point clockwise from its hash; an unavailable or avoided owner passes the
+    key on clockwise to the next owner, which is also where that key lands if the endpoint is removed.
+
+    When ``sum(weight / gcd) * vnodes_per_weight`` would exceed ``max_ring``, the per-unit point count shrinks to
+    fit; that scaling (and a change of the weights' gcd) changes every endpoint's point count, so in those cases
+    some keys do move between remaining endpoints. ``hash_key`` None (no header/cookie) picks a random point:
+    weighted random.
+    """
+
+    __slots__ = ("_distinct", "_hashes", "_max_ring", "_owners", "_vnodes_per_weight")
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        vnodes_per_weight: int = DEFAULT_VNODES_PER_WEIGHT,
+        max_ring: int = DEFAULT_MAX_RING,
+    ) -> None:
+        super().__init__(rng)
+        if vnodes_per_weight < 1 or max_ring < 1:
+            raise ValueError("vnodes_per_weight and max_ring must be >= 1")
+        self._vnodes_per_weight = vnodes_per_weight
+        self._max_ring = max_ring
+        self._hashes: list[int] = []
+        self._owners: list[Endpoint] = []
+        self._distinct = 0
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        if not self._endpoints:
+            self._hashes, self._owners, self._distinct = [], [], 0
+            return
+        divisor = math.gcd(*(e.weight for e in self._endpoints))
+        units = [e.weight // divisor for e in self._endpoints]
+        per_unit = self._vnodes_per_weight
+        if sum(units) * per_unit > self._max_ring:
+            per_unit = max(1, self._max_ring // sum(units))
+        ring: list[tuple[int, str, int]] = []
+        for index, (endpoint, unit) in enumerate(zip(self._endpoints, units, strict=True)):
+            # (point, key, index): a 64-bit collision still orders deterministically, by address.
+            ring.extend((point, endpoint.key, index) for point in _ring_points(endpoint.key, unit * per_unit))
+        ring.sort()
+        self._hashes = [point for point, _, _ in ring]
+        self._owners = [self._endpoints[index] for _, _, index in ring]
+        self._distinct = len(self._endpoints)
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        hashes = self._hashes
+        size = len(hashes)
+        if size == 0:
+            return None
+        if hash_key is None:
+            index = self._rng.randrange(size)
+        else:
+            index = bisect_left(hashes, hash_key_64(hash_key))
+            if index == size:
+                index = 0  # past the last point: wrap to the first
+        owner = self._owners[index]
+        if owner.available and owner is not avoid:
+            return owner
+        return self._walk(index, avoid)
+
+    def _walk(self, index: int, avoid: Endpoint | None) -> Endpoint | None:
+        """Clockwise from ``index`` to the next eligible owner; stops once every endpoint has been seen."""
+        owners = self._owners
+        size = len(owners)
+        seen: set[int] = set()
+        fallback: Endpoint | None = None
+        for _ in range(size):
+            owner = owners[index]
+            if owner.available:
+                if owner is not avoid:
+                    return owner
+                fallback = owner
+            seen.add(id(owner))
+            if len(seen) == self._distinct:
+                break
+            index += 1
+            if index == size:
+                index = 0
+        return fallback
+
+
+_FACTORIES: dict[LbPolicy, Callable[[random.Random], Balancer]] = {
+    "round_robin": RoundRobin,
+    "weighted_round_robin": WeightedRoundRobin,
+    "random": RandomBalancer,
+    "least_request": LeastRequest,
+    "peak_ewma": PeakEwma,
+    "ring_hash": RingHash,
+}
+assert set(_FACTORIES) == set(LB_POLICIES), "every LbPolicy needs a balancer"
+
+
+def build_balancer(policy: LbPolicy, rng: random.Random) -> Balancer:
+    """A new, empty balancer for ``policy``; call ``update`` with the endpoints before the first ``pick``."""
+    try:
+        factory = _FACTORIES[policy]
+    except KeyError:
+        raise ValueError(f"unknown load-balancing policy {policy!r}") from None
+    return factory(rng)

@@ -1,0 +1,152 @@
+"""Runtime handles of upstream clusters: endpoints, balancer, connection pool and DNS refresh.
+
+Config is data, runtime is handles: a ``ClusterRuntime`` is built from a ``config.snapshot.Cluster`` and lives
+across reloads, keyed by cluster name, so per-endpoint state (in-flight counts, latency estimates) and warm
+keep-alive connections survive a config swap. ``Upstreams.apply`` reconciles the set with a new snapshot; a cluster
+that disappears, or whose pool settings change, is retired and its pool closed only after a grace period, so
+requests still running on the old snapshot finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+import structlog
+
+from gateway.config.snapshot import Address, Cluster, EndpointSpec
+from gateway.upstream.balancer import Balancer, build_balancer
+from gateway.upstream.discovery import DnsResolver, reconcile
+from gateway.upstream.state import Endpoint
+
+__all__ = ["ClusterRuntime", "Upstreams"]
+
+log = structlog.get_logger("meshgate.upstream")
+
+# Headers aiohttp would add on its own; the gateway forwards exactly what the client sent instead.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def _new_session(spec: Cluster) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=spec.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=None,  # endpoints are IP literals or resolved by DnsResolver, never per request
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # total=None: the gateway bounds attempts itself (route deadline); bodies may stream for a long time.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=spec.connect_timeout, connect=spec.connect_timeout),
+        auto_decompress=False,  # pass compressed bodies through untouched
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the client, never stored by the proxy
+        raise_for_status=False,
+    )
+
+
+class ClusterRuntime:
+    """One cluster's live state. Mutated only from the event loop."""
+
+    def __init__(self, spec: Cluster, rng: random.Random) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._rng = rng
+        self.endpoints: dict[str, Endpoint] = {}
+        self.balancer: Balancer = build_balancer(spec.lb, rng)
+        self.session = _new_session(spec)
+        self._resolver: DnsResolver | None = None
+        self._start_discovery()
+
+    def _start_discovery(self) -> None:
+        if self.spec.dns is not None:
+            self._resolver = DnsResolver(self.spec.dns, self._on_dns_change, upstream=self.name)
+            self._resolver.start()
+        else:
+            self._set_endpoints(self.spec.endpoints)
+
+    def _on_dns_change(self, addresses: tuple[Address, ...]) -> None:
+        log.info("dns_endpoints_changed", upstream=self.name, endpoints=[str(a) for a in addresses])
+        self._set_endpoints(addresses)
+
+    def _set_endpoints(self, wanted: Iterable[Address | EndpointSpec]) -> None:
+        # Existing Endpoint objects are kept (their state survives); a request already holding a dropped endpoint
+        # keeps using it to the end, so nothing in flight is cut.
+        self.endpoints = reconcile(self.endpoints, wanted, self.name)
+        self.balancer.update(tuple(self.endpoints.values()))
+
+    def pool_settings_changed(self, spec: Cluster) -> bool:
+        return (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections)
+
+    async def update(self, spec: Cluster) -> None:
+        """Apply a changed spec whose pool settings are unchanged (see ``pool_settings_changed``)."""
+        old = self.spec
+        self.spec = spec
+        if spec.lb != old.lb:
+            self.balancer = build_balancer(spec.lb, self._rng)
+            self.balancer.update(tuple(self.endpoints.values()))
+        if spec.dns != old.dns or spec.endpoints != old.endpoints:
+            if self._resolver is not None:
+                await self._resolver.stop()
+                self._resolver = None
+            self._start_discovery()
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.stop()
+            self._resolver = None
+        await self.session.close()
+
+
+class Upstreams:
+    """The live set of ClusterRuntimes, reconciled against each new snapshot."""
+
+    def __init__(self, rng: random.Random, grace: float) -> None:
+        self._rng = rng
+        self._grace = grace  # how long a retired pool stays open for requests still on the old snapshot
+        self._live: dict[str, ClusterRuntime] = {}
+        self._retiring: dict[asyncio.Task[None], ClusterRuntime] = {}
+
+    @property
+    def live(self) -> Mapping[str, ClusterRuntime]:
+        return self._live
+
+    async def apply(self, clusters: Mapping[str, Cluster]) -> dict[str, ClusterRuntime]:
+        """Return the runtimes for ``clusters``, reusing live ones; retire what is no longer needed."""
+        fresh: dict[str, ClusterRuntime] = {}
+        for name, spec in clusters.items():
+            runtime = self._live.get(name)
+            if runtime is None:
+                runtime = ClusterRuntime(spec, self._rng)
+            elif runtime.spec != spec:
+                if runtime.pool_settings_changed(spec):
+                    self._retire(runtime)
+                    runtime = ClusterRuntime(spec, self._rng)
+                else:
+                    await runtime.update(spec)
+            fresh[name] = runtime
+        for name, runtime in self._live.items():
+            if fresh.get(name) is not runtime:
+                self._retire(runtime)
+        self._live = fresh
+        return dict(fresh)
+
+    def _retire(self, runtime: ClusterRuntime) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self._grace)
+            await runtime.close()
+
+        task = asyncio.create_task(later())
+        self._retiring[task] = runtime
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    async def close(self) -> None:
+        """Close every pool now, retiring ones included (shutdown: nothing is in flight any more)."""
+        runtimes = [*self._retiring.values(), *self._live.values()]
+        for task in list(self._retiring):
+            task.cancel()
+        for runtime in runtimes:
+            await runtime.close()
+        self._live = {}
