@@ -60,6 +60,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Exactly 100 bytes, no characters that nginx would interpret inside a quoted string.
 BODY = ("meshgate-bench-" + "0123456789" * 9)[:99] + "\n"
 assert len(BODY) == 100
+STATUS_PATH = "/__bench_nginx_status"  # stub_status on the upstream nginx: counts connections and requests
 ALL_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-w2", "meshgate-accesslog")
 
 
@@ -383,6 +384,9 @@ _UPSTREAM_SERVER = """\
             default_type text/plain;
             return 200 "{body}";
         }}
+        location = {status_path} {{
+            stub_status;
+        }}
     }}"""
 
 _PROXY_SERVER = """\
@@ -406,7 +410,19 @@ _PROXY_SERVER = """\
 
 def upstream_block(port: int) -> str:
     """The upstream server block: ``return 200`` with :data:`BODY` (its trailing newline written as ``\\n``)."""
-    return _UPSTREAM_SERVER.format(port=port, body=BODY.rstrip("\n") + "\\n")
+    return _UPSTREAM_SERVER.format(port=port, body=BODY.rstrip("\n") + "\\n", status_path=STATUS_PATH)
+
+
+def upstream_counters(port: int) -> tuple[int, int]:
+    """(accepted connections, requests) so far, from the upstream nginx's ``stub_status``.
+
+    Each reading is itself one connection and one request, counted in the reading it returns.
+    """
+    _, _, body = http_get(f"http://127.0.0.1:{port}{STATUS_PATH}")
+    m = re.search(rb"\n\s*(\d+)\s+(\d+)\s+(\d+)\s*\n", body)
+    if not m:
+        raise BenchError(f"unexpected stub_status answer {body[:200]!r}")
+    return int(m.group(1)), int(m.group(3))
 
 
 def proxy_block(port: int, upstream: int) -> str:
@@ -467,89 +483,6 @@ def start_meshgate(
 # measurement
 
 
-@dataclass
-class TargetResult:
-    """Everything measured for one target."""
-
-    target: str
-    description: str
-    ok: bool = True
-    error: str | None = None
-    rps: float | None = None
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    requests: int | None = None
-    seconds: float | None = None
-    errors: int | None = None
-    socket_errors: dict[str, int] = field(default_factory=dict)
-    non_2xx_3xx: int | None = None
-    proxy_cpu_s: float | None = None
-    proxy_us_per_req: float | None = None
-    proxy_cpu_util: float | None = None
-    upstream_us_per_req: float | None = None
-    wrk_us_per_req: float | None = None
-    core_busy: dict[str, float] = field(default_factory=dict)
-    proxy_pids: list[int] = field(default_factory=list)
-    sanity: dict[str, Any] = field(default_factory=dict)
-    warmup_rps: float | None = None
-    wrk_output: str | None = None
-
-
-def sanity_check(url: str) -> dict[str, Any]:
-    """One request through the target: must be 200 with the 100-byte body."""
-    status, headers, body = http_get(url)
-    if status != 200 or body != BODY.encode():
-        raise BenchError(f"sanity GET {url}: status {status}, body {body[:200]!r}")
-    return {"status": status, "body_bytes": len(body), "headers": headers}
-
-
-def measure(
-    target: str,
-    description: str,
-    url: str,
-    proxy_root: int,
-    upstream_root: int | None,
-    args: argparse.Namespace,
-    workdir: Path,
-) -> TargetResult:
-    """Warm up, then one measured wrk run with CPU accounting around it."""
-    result = TargetResult(target, description)
-    result.sanity = sanity_check(url)
-    print(f"  [{target}] warm-up {args.warmup:g}s ...", flush=True)
-    warm = run_wrk(url, args.warmup, args.connections, workdir)
-    result.warmup_rps = warm.rps
-    print(f"  [{target}] measuring {args.duration:g}s ...", flush=True)
-    p0 = cpu_ticks(proxy_root)
-    u0 = cpu_ticks(upstream_root) if upstream_root else {}
-    c0 = core_times()
-    t0 = time.monotonic()
-    wrk = run_wrk(url, args.duration, args.connections, workdir)
-    wall = time.monotonic() - t0
-    c1 = core_times()
-    p1 = cpu_ticks(proxy_root)
-    u1 = cpu_ticks(upstream_root) if upstream_root else {}
-    proxy_cpu = cpu_delta_s(p0, p1)
-    result.rps = wrk.rps
-    result.latency_ms = wrk.latency_ms
-    result.requests = wrk.requests
-    result.seconds = wrk.seconds
-    result.errors = wrk.errors
-    result.socket_errors = wrk.socket_errors
-    result.non_2xx_3xx = wrk.non_2xx_3xx
-    result.proxy_cpu_s = round(proxy_cpu, 3)
-    result.proxy_pids = sorted(p1)
-    if wrk.requests:
-        result.proxy_us_per_req = round(proxy_cpu / wrk.requests * 1e6, 2)
-        result.wrk_us_per_req = round(wrk.wrk_cpu_s / wrk.requests * 1e6, 2)
-        if upstream_root:
-            result.upstream_us_per_req = round(cpu_delta_s(u0, u1) / wrk.requests * 1e6, 2)
-    result.proxy_cpu_util = round(proxy_cpu / wall, 3) if wall > 0 else None
-    result.core_busy = core_busy(c0, c1)
-    result.wrk_output = wrk.output
-    if wrk.errors:
-        result.error = f"wrk reported {wrk.errors} errors ({wrk.socket_errors}, non-2xx {wrk.non_2xx_3xx})"
-    return result
-
-
 @dataclass(frozen=True)
 class Target:
     """One thing to measure."""
@@ -579,23 +512,122 @@ TARGETS = {
 }
 
 
+@dataclass
+class TargetResult:
+    """Everything measured for one target."""
+
+    target: str
+    description: str
+    ok: bool = True
+    error: str | None = None
+    rps: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    requests: int | None = None
+    seconds: float | None = None
+    errors: int | None = None
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    non_2xx_3xx: int | None = None
+    proxy_cpu_s: float | None = None
+    proxy_us_per_req: float | None = None
+    proxy_cpu_util: float | None = None
+    upstream_us_per_req: float | None = None
+    wrk_us_per_req: float | None = None
+    upstream_new_connections: int | None = None
+    upstream_requests: int | None = None
+    core_busy: dict[str, float] = field(default_factory=dict)
+    proxy_pids: list[int] = field(default_factory=list)
+    sanity: dict[str, Any] = field(default_factory=dict)
+    warmup_rps: float | None = None
+    exit_code: int | None = None
+    wrk_output: str | None = None
+
+
+def sanity_check(url: str) -> dict[str, Any]:
+    """One request through the target: must be 200 with the 100-byte body."""
+    status, headers, body = http_get(url)
+    if status != 200 or body != BODY.encode():
+        raise BenchError(f"sanity GET {url}: status {status}, body {body[:200]!r}")
+    return {"status": status, "body_bytes": len(body), "headers": headers}
+
+
+@dataclass
+class Running:
+    """A started target: where to send load and what to account."""
+
+    url: str
+    root_pid: int  # process under test (CPU accounting over its process tree)
+    upstream_pid: int | None  # the upstream nginx behind a proxy; None for direct
+    status_port: int  # the nginx whose stub_status counts the requests that reached the upstream
+    exit_code: int | None = None  # after SIGTERM
+
+
+def measure(target: Target, run: Running, args: argparse.Namespace, workdir: Path) -> TargetResult:
+    """Warm up, then one measured wrk run with CPU and upstream-connection accounting around it."""
+    result = TargetResult(target.name, target.description)
+    url, proxy_root, upstream_root = run.url, run.root_pid, run.upstream_pid
+    result.sanity = sanity_check(url)
+    print(f"  [{target.name}] warm-up {args.warmup:g}s ...", flush=True)
+    warm = run_wrk(url, args.warmup, args.connections, workdir)
+    result.warmup_rps = warm.rps
+    print(f"  [{target.name}] measuring {args.duration:g}s ...", flush=True)
+    accepts0, requests0 = upstream_counters(run.status_port)
+    p0 = cpu_ticks(proxy_root)
+    u0 = cpu_ticks(upstream_root) if upstream_root else {}
+    c0 = core_times()
+    t0 = time.monotonic()
+    wrk = run_wrk(url, args.duration, args.connections, workdir)
+    wall = time.monotonic() - t0
+    c1 = core_times()
+    p1 = cpu_ticks(proxy_root)
+    u1 = cpu_ticks(upstream_root) if upstream_root else {}
+    accepts1, requests1 = upstream_counters(run.status_port)
+    # minus the second stub_status reading itself
+    result.upstream_new_connections = accepts1 - accepts0 - 1
+    result.upstream_requests = requests1 - requests0 - 1
+    proxy_cpu = cpu_delta_s(p0, p1)
+    result.rps = wrk.rps
+    result.latency_ms = wrk.latency_ms
+    result.requests = wrk.requests
+    result.seconds = wrk.seconds
+    result.errors = wrk.errors
+    result.socket_errors = wrk.socket_errors
+    result.non_2xx_3xx = wrk.non_2xx_3xx
+    result.proxy_cpu_s = round(proxy_cpu, 3)
+    result.proxy_pids = sorted(p1)
+    if wrk.requests:
+        result.proxy_us_per_req = round(proxy_cpu / wrk.requests * 1e6, 2)
+        result.wrk_us_per_req = round(wrk.wrk_cpu_s / wrk.requests * 1e6, 2)
+        if upstream_root:
+            result.upstream_us_per_req = round(cpu_delta_s(u0, u1) / wrk.requests * 1e6, 2)
+    result.proxy_cpu_util = round(proxy_cpu / wall, 3) if wall > 0 else None
+    result.core_busy = core_busy(c0, c1)
+    result.wrk_output = wrk.output
+    if wrk.errors:
+        result.error = f"wrk reported {wrk.errors} errors ({wrk.socket_errors}, non-2xx {wrk.non_2xx_3xx})"
+    return result
+
+
 @contextlib.contextmanager
-def running(target: Target, procs: Processes, workdir: Path, up_port: int) -> Iterator[tuple[int, str]]:
-    """Start the process under test, pinned to PROXY_CORE; yield (root pid for CPU accounting, URL); stop it."""
+def running(
+    target: Target, procs: Processes, workdir: Path, upstream: Managed | None, up_port: int
+) -> Iterator[Running]:
+    """Start the process under test pinned to PROXY_CORE, yield it as :class:`Running`, stop it (SIGTERM)."""
     if target.kind == "direct":
         port = free_port()
         item = start_nginx(procs, "upstream-direct", workdir, upstream_block(port), PROXY_CORE, port)
-    elif target.kind == "nginx-proxy":
-        port = free_port()
-        item = start_nginx(procs, "nginx-proxy", workdir, proxy_block(port, up_port), PROXY_CORE, port)
+        run = Running(f"http://127.0.0.1:{port}/", item.pid, None, port)
     else:
-        item, port = start_meshgate(procs, target.name, workdir, up_port, target.workers, target.access_log)
+        assert upstream is not None
+        if target.kind == "nginx-proxy":
+            port = free_port()
+            item = start_nginx(procs, "nginx-proxy", workdir, proxy_block(port, up_port), PROXY_CORE, port)
+        else:
+            item, port = start_meshgate(procs, target.name, workdir, up_port, target.workers, target.access_log)
+        run = Running(f"http://127.0.0.1:{port}/", item.pid, upstream.pid, up_port)
     try:
-        yield item.pid, f"http://127.0.0.1:{port}/"
+        yield run
     finally:
-        code = procs.stop(item, grace=15)
-        if target.kind == "meshgate" and code != 0:
-            print(f"  [{target.name}] note: exit code {code} after SIGTERM", flush=True)
+        run.exit_code = procs.stop(item, grace=15)
 
 
 def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> list[TargetResult]:
@@ -616,9 +648,12 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
             if target.kind != "direct" and upstream is None:
                 upstream = start_nginx(procs, "upstream", workdir, upstream_block(up_port), LOAD_CORE, up_port)
             try:
-                with running(target, procs, workdir, up_port) as (root, url):
-                    up_root = upstream.pid if upstream and target.kind != "direct" else None
-                    results.append(measure(name, target.description, url, root, up_root, args, workdir))
+                with running(target, procs, workdir, upstream, up_port) as run:
+                    result = measure(target, run, args, workdir)
+                result.exit_code = run.exit_code
+                if run.exit_code != 0:
+                    print(f"  [{name}] note: exit code {run.exit_code} after SIGTERM", flush=True)
+                results.append(result)
             except (BenchError, OSError) as error:
                 print(f"  [{name}] FAILED: {error}", flush=True)
                 results.append(TargetResult(name, target.description, ok=False, error=str(error)))
@@ -836,19 +871,19 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
     """Markdown tables: absolute numbers, then ratios."""
     lines = [
         "| target | req/s | p50 ms | p99 ms | proxy µs CPU/req | proxy CPU util | upstream µs/req | wrk µs/req "
-        "| core0 busy | core1 busy | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| core0 busy | core1 busy | upstream new conns | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.ok:
-            lines.append(f"| {r.target} | FAILED: {(r.error or '').splitlines()[0][:80]} |||||||||| |")
+            lines.append(f"| {r.target} | FAILED: {(r.error or '').splitlines()[0][:80]} ||||||||||| |")
             continue
         lines.append(
             f"| {r.target} | {_fmt(r.rps, ',.0f')} | {_fmt(r.latency_ms.get('p50'), '.3f')} "
             f"| {_fmt(r.latency_ms.get('p99'), '.3f')} | {_fmt(r.proxy_us_per_req, '.1f')} "
             f"| {_fmt(r.proxy_cpu_util, '.0%')} | {_fmt(r.upstream_us_per_req, '.1f')} "
             f"| {_fmt(r.wrk_us_per_req, '.1f')} | {_fmt(r.core_busy.get('core0'), '.0%')} "
-            f"| {_fmt(r.core_busy.get('core1'), '.0%')} | {r.errors} |"
+            f"| {_fmt(r.core_busy.get('core1'), '.0%')} | {r.upstream_new_connections} | {r.errors} |"
         )
     lines += [
         "",
@@ -886,6 +921,14 @@ def environment() -> dict[str, Any]:
             if line.startswith("model name"):
                 env["cpu_model"] = line.split(":", 1)[1].strip()
                 break
+    head = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "gateway", "telemetry", "policy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    env["git"] = {"head": head, "uncommitted_gateway_files": len(dirty)}
     for mod in ("aiohttp", "uvloop"):
         try:
             env[mod] = __import__(mod).__version__

@@ -48,6 +48,3 @@ class Metrics:
         self.config_reloads = Counter(
             "meshgate_config_reloads_total", "Config reload attempts by result.", ["result"], registry=r
         )
-        self.upstream_endpoints = Gauge(
-            "meshgate_upstream_endpoints", "Endpoints per upstream cluster by state.", ["upstream", "state"], registry=r
-        )

@@ -194,7 +194,7 @@ def _key_path(path: str, key: Node) -> str:
     return f"{path}.{name}" if path else str(name)
 
 
-def canonical_hash(document: Mapping[str, Any]) -> str:
+def canonical_hash(document: object) -> str:
     """sha256 hex of the document's canonical JSON (sorted keys, no whitespace): equal content, equal hash."""
     text = json.dumps(_plain(document), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

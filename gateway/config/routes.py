@@ -16,6 +16,7 @@ from gateway.config.schema import (
     NAME,
     NAME_HINT,
     NOT_SUPPORTED,
+    Decoder,
     Fields,
     Problems,
     boolean,
@@ -42,9 +43,8 @@ HEADER_KINDS = ("exact", "prefix", "regex", "present")
 HEADER_KEYS = ("name", *HEADER_KINDS)
 SPLIT_KEYS = ("cluster", "weight")
 REWRITE_KEYS = ("prefix", "host")
-AUTH_MODES = ("required", "optional", "none")
-
 AuthMode = Literal["required", "optional", "none"]
+AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "none")
 
 # RFC 9110 token: what an HTTP method or a header name may be made of.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -52,6 +52,8 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 # A name, "*.<name>" (one or more labels in front) or a lone "*" (any host, but a Host header is required).
 _HOST_MATCH = re.compile(rf"\*|(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
 _HOST_WITH_PORT = re.compile(r".*:[0-9]+")
+_DOT_SEGMENT = re.compile(r"//|/\.\.?/")
+_DOT_SEGMENT_END = re.compile(r"//|/\.\.?(?:/|$)")
 _REWRITE_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?(?::[0-9]{1,5})?")
 
 _route_name = matching(NAME, "name", NAME_HINT)
@@ -102,8 +104,8 @@ def _match(route: Fields) -> RouteMatch | None:
         return None
     fields.at_most_one(PATH_KINDS)
     return RouteMatch(
-        path=fields.optional("path", _absolute_path),
-        path_prefix=fields.optional("path_prefix", _absolute_path),
+        path=fields.optional("path", _exact_path),
+        path_prefix=fields.optional("path_prefix", _path_prefix),
         path_regex=fields.optional("path_regex", regex),
         methods=fields.optional("methods", _methods),
         host=fields.optional("host", _host_match),
@@ -119,10 +121,28 @@ def _absolute_path(value: object, path: str, problems: Problems) -> str | None:
         problems.add(path, 'must start with "/"')
         return None
     if "?" in text or "#" in text:
-        # Routing sees the path without query or fragment, so such a route could never match.
+        # Neither is part of a path: a match condition with one could never match, a rewrite would mangle the URL.
         problems.add(path, 'must not contain a query ("?") or fragment ("#")')
         return None
     return text
+
+
+def _request_path(unnormalized: re.Pattern[str]) -> Decoder[str]:
+    """A path condition. Requests are matched after normalization, so a condition that is not normalized itself
+    could never match; that is reported instead of silently dead. A prefix may end in "/." ("/.well-known")."""
+
+    def decode(value: object, path: str, problems: Problems) -> str | None:
+        text = _absolute_path(value, path, problems)
+        if text is not None and unnormalized.search(text):
+            problems.add(path, 'never matches: requests are matched with "//", "." and ".." segments resolved')
+            return None
+        return text
+
+    return decode
+
+
+_exact_path = _request_path(_DOT_SEGMENT_END)
+_path_prefix = _request_path(_DOT_SEGMENT)
 
 
 def _methods(value: object, path: str, problems: Problems) -> frozenset[str] | None:

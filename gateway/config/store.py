@@ -46,7 +46,10 @@ class SnapshotStore:
         self._version = 0
 
     async def apply(self, snapshot: Snapshot, source: str) -> Serving:
-        """Serve ``snapshot`` from now on, or raise ConfigError and keep serving the current one."""
+        """Serve ``snapshot`` from now on, or raise ConfigError and keep serving the current one.
+
+        A raised ConfigError is not counted or logged here: the caller reports it with ``rejected()``.
+        """
         current = self.current
         if current is not None:
             if snapshot.hash == current.snapshot.hash:
@@ -57,7 +60,8 @@ class SnapshotStore:
                 if get(snapshot) != get(current.snapshot)
             ]
             if problems:
-                self._metrics.config_reloads.labels("rejected").inc()
+                # Not counted here: the source catches the error and calls rejected(), which counts and logs it
+                # (counting in both places made one refused edit show up as two rejections).
                 raise ConfigError(tuple(problems))
         self._version += 1
         stamped = dataclasses.replace(snapshot, version=self._version, source=source, loaded_at=time.time())

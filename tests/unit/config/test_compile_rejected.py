@@ -19,6 +19,7 @@ DURATION = 'expected a duration string like "250ms" or "2s"'
 NAME_HINT = '(use letters, digits, ".", "_", "-"; start with a letter or digit)'
 SERVICE_HINT = '(use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit)'
 POLICIES = "round_robin, weighted_round_robin, random, least_request, peak_ewma, ring_hash"
+NEVER = 'never matches: requests are matched with "//", "." and ".." segments resolved'
 R = "routes[0]"
 M = "routes[0].match"
 H = "routes[0].match.headers[0]"
@@ -68,6 +69,7 @@ LISTENERS = [
     case({"listen": "127.0.0.1:9901"}, "admin: must differ from listen (127.0.0.1:9901)"),
     case({"listen": "0.0.0.0:9901"}, "admin: uses the same port as listen (0.0.0.0:9901)"),
     case({"listen": "[::1]:1", "admin": "[::]:1"}, "admin: uses the same port as listen ([::1]:1)"),
+    case({"listen": "localhost:1", "admin": "0.0.0.0:1"}, "admin: uses the same port as listen (localhost:1)"),
 ]
 
 ROUTES = [
@@ -109,6 +111,12 @@ MATCHES = [
     case({f"{M}.path_prefix": "api"}, 'routes[0].match.path_prefix: must start with "/"'),
     case({f"{M}.path": "/a?b=1"}, 'routes[0].match.path: must not contain a query ("?") or fragment ("#")'),
     case({f"{M}.path_prefix": "/a#b"}, 'routes[0].match.path_prefix: must not contain a query ("?") or fragment ("#")'),
+    case({f"{M}.path": "/a//b"}, f"routes[0].match.path: {NEVER}"),
+    case({f"{M}.path": "/a/../b"}, f"routes[0].match.path: {NEVER}"),
+    case({f"{M}.path": "/a/."}, f"routes[0].match.path: {NEVER}"),
+    case({f"{M}.path": "/.."}, f"routes[0].match.path: {NEVER}"),
+    case({f"{M}.path_prefix": "//api"}, f"routes[0].match.path_prefix: {NEVER}"),
+    case({f"{M}.path_prefix": "/a/./b"}, f"routes[0].match.path_prefix: {NEVER}"),
     case({f"{M}.path": "/a", f"{M}.path_prefix": "/b"}, "routes[0].match: use only one of path, path_prefix"),
     case(
         {f"{M}.path": "/a", f"{M}.path_prefix": "/b", f"{M}.path_regex": "/c"},
@@ -127,6 +135,14 @@ MATCHES = [
     case(
         {f"{M}.host": "a b"},
         'routes[0].match.host: invalid host "a b" (expected a name like "api.example.com" or "*.example.com")',
+    ),
+    case(
+        {f"{M}.host": "*example.com"},
+        'routes[0].match.host: invalid host "*example.com" (expected a name like "api.example.com" or "*.example.com")',
+    ),
+    case(
+        {f"{M}.host": "example.com."},
+        'routes[0].match.host: invalid host "example.com." (expected a name like "api.example.com" or "*.example.com")',
     ),
     case(
         {f"{M}.host": "foo.*.com"},

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -184,6 +185,11 @@ def test_regexes_are_compiled_for_full_match_use() -> None:
         ({"routes[0].match": {"methods": ["get", "GET", "Get"]}}, "match", RouteMatch(methods=frozenset({"GET"}))),
         ({"routes[0].match": {"methods": ["PURGE"]}}, "match", RouteMatch(methods=frozenset({"PURGE"}))),
         ({"routes[0].match": {"host": "*.Example.COM"}}, "match", RouteMatch(host="*.example.com")),
+        ({"routes[0].match": {"host": "*"}}, "match", RouteMatch(host="*")),
+        ({"routes[0].match": {"path_prefix": "/."}}, "match", RouteMatch(path_prefix="/.")),
+        ({"routes[0].match": {"path_prefix": "/a/"}}, "match", RouteMatch(path_prefix="/a/")),
+        ({"routes[0].match": {"path": "/a/.well-known"}}, "match", RouteMatch(path="/a/.well-known")),
+        ({"routes[0].match": {"path": "/"}}, "match", RouteMatch(path="/")),
         ({"routes[0].match": {"path": "/a", "host": "127.0.0.1"}}, "match", RouteMatch(path="/a", host="127.0.0.1")),
         (
             {"routes[0].cluster": DELETE, "routes[0].split": [{"cluster": "orders", "weight": 7}]},
@@ -255,9 +261,17 @@ def test_logs(edits: dict[str, object], expected: LogSettings) -> None:
     assert compile_document(edited(edits)).logs == expected
 
 
-def test_listen_and_admin_may_share_a_host() -> None:
-    snapshot = compile_document(edited({"listen": "0.0.0.0:80", "admin": "0.0.0.0:81"}))
-    assert (snapshot.listen, snapshot.admin) == (Address("0.0.0.0", 80), Address("0.0.0.0", 81))
+@pytest.mark.parametrize(
+    ("listen", "admin"),
+    [
+        ("0.0.0.0:80", "0.0.0.0:81"),  # same host, other port
+        ("127.0.0.1:80", "127.0.0.2:80"),  # same port, other host
+        ("0.0.0.0:80", "[::1]:80"),  # an IPv4 wildcard does not take the IPv6 port
+    ],
+)
+def test_listen_and_admin_may_share_a_host_or_a_port(listen: str, admin: str) -> None:
+    snapshot = compile_document(edited({"listen": listen, "admin": admin}))
+    assert (str(snapshot.listen), str(snapshot.admin)) == (listen, admin)
 
 
 def test_json_and_yaml_compile_to_the_same_snapshot() -> None:
@@ -276,6 +290,10 @@ def test_hash_follows_content_not_layout() -> None:
     reordered = {"clusters": BASE["clusters"], "routes": BASE["routes"], "service": "orders"}
     assert compile_document(reordered).hash == compile_document(BASE).hash == sha256_of(BASE)
     assert compile_document(edited({"routes[0].timeout": "1s"})).hash != compile_document(BASE).hash
+
+
+def test_any_mapping_is_accepted() -> None:
+    assert compile_document(MappingProxyType(edited({}))).hash == compile_document(BASE).hash
 
 
 def test_document_is_a_copy_of_the_input() -> None:
