@@ -74,15 +74,31 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     )
     await source.load_initial(first)
     snapshot = first
+
+    # Signal handlers go in before anything is bound: /readyz answering 200 tells an orchestrator (or a test) that
+    # SIGTERM drains and SIGHUP reloads; installed afterwards, a signal in between killed the process outright.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    def on_sighup() -> None:
+        task = loop.create_task(source.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
-        await admin_runner.setup()
-        await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
+        # The proxy listener first, the admin one second: /readyz may only say 200 once the proxy port accepts.
         await server.start(
             snapshot.listen.host,
             snapshot.listen.port,
             reuse_port=reuse_port,
             drain_timeout=snapshot.limits.drain_timeout,
         )
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
     except OSError as exc:
         log.error(
             "listen_failed", error=exc.strerror or str(exc), listen=str(snapshot.listen), admin=str(snapshot.admin)
@@ -92,11 +108,6 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
         await upstreams.close()
         return 1
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(source.reload()))
     source.start()
     # Objects built at start-up live forever: move them out of the collector's way (cyclic GC showed up at 13% of
     # native time in the profiled proxy), and collect young objects less often.

@@ -58,10 +58,11 @@ def run_demo(config: Path | None) -> int:
 gateway logs (JSON lines): {log_path}
 
 Try:
-  curl -i {listen}/api/hello              # proxied; see x-request-id and x-upstream-instance
-  curl -s {listen}/api/hello | python -m json.tool     # what the upstream received (x-forwarded-*)
-  curl -i {listen}/public/../internal/x   # path normalized before routing -> 404 route_not_found
-  curl -i {listen}/nowhere                # the gateway's own JSON reply
+  curl -i {listen}/api/v1/things          # proxied, rewritten to /v1/things; see x-request-id, x-upstream-instance
+  curl -s {listen}/items/42 | python3 -m json.tool     # what the upstream received (x-forwarded-*, x-request-id)
+  curl -s -X POST {listen}/checkout       # 90/10 split between clusters demo and demo-canary
+  curl -s --path-as-is {listen}/api/v1/../../items/7   # normalized to /items/7 before routing
+  curl -i {listen}/nowhere                # the gateway's own JSON reply: 404 route_not_found
   curl -s {admin}/status/upstreams        # endpoints and in-flight counts
   curl -s {admin}/config                  # the config being served
   curl -s {admin}/metrics | grep http_server_request_duration
