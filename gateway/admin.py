@@ -66,7 +66,7 @@ def build_admin_app(state: AdminState, serving: Callable[[], Serving | None], me
                     {
                         "address": endpoint.key,
                         "weight": endpoint.weight,
-                        "healthy": endpoint.available,
+                        "healthy": endpoint.healthy,
                         "ejected": False,
                         "breaker": "closed",
                         "in_flight": endpoint.in_flight,

@@ -89,6 +89,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # workers.run_worker blocks these until now so that a signal during start-up waits for these handlers instead
+    # of killing the process; one that came in meanwhile is delivered here. (A no-op when nothing blocked them.)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         # The proxy listener first, the admin one second: /readyz may only say 200 once the proxy port accepts.
         await server.start(

@@ -59,6 +59,10 @@ class GatewayServer:
             max_field_size=limits.max_header_size,
             max_headers=limits.max_headers,
             auto_decompress=False,  # forward compressed request bodies untouched
+            # After a local reply to an unread body (413, 401 ...) aiohttp reads and discards the rest before
+            # closing, so the client sees the reply instead of a reset. Its default, 10 s, let a client push
+            # gigabytes into the gateway after a 413; one second is enough for the reply to be read.
+            lingering_time=1.0,
             access_log=None,
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=drain_timeout)

@@ -13,14 +13,22 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+from multiprocessing import resource_tracker
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["run_worker", "run_workers"]
+__all__ = ["STARTUP_SIGNALS", "run_worker", "run_workers"]
+
+# The signals the gateway handles on its event loop; blocked from process start until those handlers exist.
+STARTUP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def run_worker(config_path: str, reuse_port: bool) -> None:
     """Process entry point: run one gateway on uvloop and exit with its code."""
+    # Until run_gateway's event loop handles them (it unblocks them then), SIGTERM, SIGINT and SIGHUP wait instead
+    # of killing a process that is still importing: a SIGHUP (or a SIGTERM) forwarded to a worker still starting
+    # used to take the whole group down with exit 1. Spawned workers start with them blocked already (see below).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_SIGNALS)
     import asyncio
 
     import uvloop
@@ -51,10 +59,19 @@ def run_workers(config_path: Path, count: int) -> int:
             if worker.pid is not None and worker.exitcode is None:
                 os.kill(worker.pid, signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STARTUP_SIGNALS:
         signal.signal(signum, forward)
-    for worker in workers:
-        worker.start()
+    # A child inherits the signal mask: started with these blocked, a worker keeps what the supervisor forwards
+    # pending until its loop can handle it. Blocked here too, a signal that arrives mid-loop is forwarded only once
+    # every worker has a pid, so none is missed. The resource tracker goes first: starting it (on the first
+    # Process.start) unblocks SIGINT and SIGTERM in this process, which would leave the workers without the block.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_SIGNALS)
+    try:
+        for worker in workers:
+            worker.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_SIGNALS)
     failed = False
     running = list(workers)
     while running:

@@ -1,18 +1,26 @@
 """Every Prometheus family meshgate exports, declared in one place (this is what dashboards query).
 
-Label values are bounded: route names (``unmatched`` when none), cluster names, status codes, reason codes. Never a
-raw path, user, address or id. Each gateway process owns one ``Metrics`` on its own registry, served by the admin
-port.
+Label values are bounded: route names (``unmatched`` when none), cluster names, endpoint addresses from config or
+discovery, status codes, reason codes. Never a raw path, user, client address or id. Each gateway process owns one
+``Metrics`` on its own registry, served by the admin port. State that already lives elsewhere (breaker states,
+endpoint health) is read at scrape time through ``StateGauges`` instead of being mirrored on every change.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-__all__ = ["DURATION_BUCKETS", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["DURATION_BUCKETS", "Metrics", "StateRow"]
 
 # OpenTelemetry semantic-convention bucket advice for http.*.request.duration, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+# (label values, value) for one sample of a scrape-time gauge.
+StateRow = tuple[Sequence[str], float]
 
 
 class Metrics:
@@ -48,3 +56,74 @@ class Metrics:
         self.config_reloads = Counter(
             "meshgate_config_reloads_total", "Config reload attempts by result.", ["result"], registry=r
         )
+        # Resilience.
+        self.retries = Counter(
+            "meshgate_upstream_retries_total", "Upstream attempts beyond the first.", ["upstream"], registry=r
+        )
+        self.retry_budget_exhausted = Counter(
+            "meshgate_retry_budget_exhausted_total",
+            "Retries not made because the cluster's retry budget was spent.",
+            ["upstream"],
+            registry=r,
+        )
+        self.outlier_ejections = Counter(
+            "meshgate_outlier_ejections_total", "Endpoints ejected by outlier detection.", ["upstream"], registry=r
+        )
+        self.ratelimit_rejections = Counter(
+            "meshgate_ratelimit_rejections_total", "Requests refused by a rate limit.", ["http_route"], registry=r
+        )
+        self.ratelimit_fallbacks = Counter(
+            "meshgate_ratelimit_redis_fallbacks_total",
+            "Shared rate-limit decisions taken by the local bucket because Redis was unreachable.",
+            ["http_route"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "meshgate_fallbacks_total",
+            "Requests answered by a route's fallback (cluster or static response).",
+            ["http_route", "kind"],
+            registry=r,
+        )
+
+    def state_gauges(
+        self,
+        breaker_states: Callable[[], Iterable[StateRow]],
+        endpoint_states: Callable[[], Iterable[StateRow]],
+    ) -> None:
+        """Register the scrape-time gauges; the callables read the live upstream state."""
+        self.registry.register(
+            _StateGauges(
+                (
+                    (
+                        "meshgate_circuit_breaker_state",
+                        "Per-endpoint breaker: 0 closed, 1 tripped, 2 probing.",
+                        ("upstream", "endpoint"),
+                        breaker_states,
+                    ),
+                    (
+                        "meshgate_upstream_endpoints",
+                        "Endpoints per upstream cluster by state.",
+                        ("upstream", "state"),
+                        endpoint_states,
+                    ),
+                )
+            )
+        )
+
+
+class _StateGauges(Collector):
+    def __init__(
+        self, families: Sequence[tuple[str, str, Sequence[str], Callable[[], Iterable[StateRow]]]]
+    ) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, documentation, labels, rows in self._families:
+            family = GaugeMetricFamily(name, documentation, labels=list(labels))
+            for values, value in rows():
+                family.add_metric(list(values), value)
+            yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        for name, documentation, labels, _rows in self._families:
+            yield GaugeMetricFamily(name, documentation, labels=list(labels))

@@ -5,6 +5,8 @@ Every helper starts a real OS process, waits for it to answer, and stops it by P
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -147,3 +149,60 @@ def gateway(
     finally:
         if process.poll() is None:
             stop(process)
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory field of ``/proc/<pid>/status`` in KiB: ``VmRSS`` (resident now) or ``VmHWM`` (peak resident)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
+async def read_http_response(
+    reader: asyncio.StreamReader, seconds: float = 10.0, *, head: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.x response from ``reader``: ``(status, headers, body)``, header names lower-cased.
+
+    The body is framed by Content-Length, chunked encoding, or the end of the connection; a 1xx, 204 or 304 response
+    and the answer to a HEAD (``head=True``) have none (a 100 Continue is returned as such, so the caller can tell
+    it from the final response). Reads no further than the response, so the next one on the connection can be read
+    after it. Gives up after ``seconds``.
+    """
+    async with asyncio.timeout(seconds):
+        preamble = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = preamble[:-4].decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if head or status < 200 or status in (204, 304):
+            return status, headers, b""
+        if "content-length" in headers:
+            return status, headers, await reader.readexactly(int(headers["content-length"]))
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")  # no trailers expected: the empty line after the last chunk
+                    return status, headers, bytes(body)
+                body += await reader.readexactly(size)
+                await reader.readexactly(2)
+        return status, headers, await reader.read()
+
+
+async def raw_http(port: int, request: bytes, seconds: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` byte for byte on a new loopback connection (no client-side normalization or limits) and
+    read one response; see ``read_http_response`` (a request starting with ``HEAD`` expects no body back)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await read_http_response(reader, seconds, head=request.startswith(b"HEAD "))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

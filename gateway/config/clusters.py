@@ -1,7 +1,9 @@
 """Compile the ``clusters`` section: each entry becomes a frozen ``Cluster``, every problem recorded with its path.
 
 A cluster gets its endpoints from exactly one source: a static ``endpoints`` list or ``discovery`` (DNS here; the
-registry comes with the config service). Endpoint addresses are parsed once, here.
+registry comes with the config service). Endpoint addresses are parsed once, here. The resilience settings
+(``circuit_breaker``, ``outlier_detection``, ``health_check``, ``retry_budget``) are checked for consistency
+(a maximum below its base, a check timeout above its interval) so the runtime can trust them.
 """
 
 from __future__ import annotations
@@ -23,29 +25,71 @@ from gateway.config.schema import (
     integer,
     items,
     matching,
+    not_above,
+    not_below,
+    number,
     string,
 )
-from gateway.config.snapshot import LB_POLICIES, Cluster, DnsDiscovery, EndpointSpec, HashOn
+from gateway.config.snapshot import (
+    LB_POLICIES,
+    CircuitBreaker,
+    Cluster,
+    DnsDiscovery,
+    EndpointSpec,
+    HashOn,
+    HealthCheck,
+    OutlierDetection,
+    RetryBudget,
+)
 from gateway.config.values import quote
 
 __all__ = ["ClusterSection", "compile_clusters"]
 
-CLUSTER_KEYS = ("name", "endpoints", "discovery", "lb", "hash_on", "connect_timeout", "max_connections")
-CLUSTER_UNSUPPORTED = ("circuit_breaker", "outlier_detection", "health_check", "tls", "mesh_identity")
+CLUSTER_KEYS = (
+    "name",
+    "endpoints",
+    "discovery",
+    "lb",
+    "hash_on",
+    "connect_timeout",
+    "max_connections",
+    "circuit_breaker",
+    "outlier_detection",
+    "health_check",
+    "retry_budget",
+)
+CLUSTER_UNSUPPORTED = ("tls", "mesh_identity")
 ENDPOINT_KEYS = ("address", "weight")
 DISCOVERY_KEYS = ("dns", "refresh")
 DISCOVERY_UNSUPPORTED = ("registry",)
+BREAKER_KEYS = ("max_requests", "max_pending", "consecutive_failures", "open_for", "max_open_for")
+OUTLIER_KEYS = ("consecutive_5xx", "base_ejection_time", "max_ejection_time", "max_ejection_percent")
+HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold", "panic_threshold")
+RETRY_BUDGET_KEYS = ("ratio", "min_per_second", "window")
 
 _DEFAULT = Cluster(name="")
+_BREAKER = CircuitBreaker()
+_OUTLIER = OutlierDetection()
+_HEALTH_CHECK = HealthCheck()
+_BUDGET = RetryBudget()
 _DEFAULT_REFRESH = 5.0
 _HASH_ON = re.compile(r"client|(?P<kind>header|cookie):(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)")
 _HASH_ON_HINT = "use client, header:<name> or cookie:<name>"
+# The request target of a health check request: visible ASCII only, and no fragment (it is never sent).
+_CHECK_PATH = re.compile(r"/[!-\"$-~]*")
+_CHECK_PATH_HINT = 'percent-encode spaces and non-ASCII characters; no "#"'
 
 _cluster_name = matching(NAME, "name", NAME_HINT)
 _lb = choice(LB_POLICIES, "policy")
 _positive_duration = duration(positive=True)
 _endpoint_weight = integer(1, 1000)
 _max_connections = integer(1)
+_at_least_one = integer(1)
+_at_least_zero = integer(0)
+_percent = integer(0, 100)
+_ratio = number(0, 1)
+_per_second = number(0)
+_MIN_WINDOW = 1.0
 
 
 @dataclass(slots=True)
@@ -91,9 +135,25 @@ def _cluster(fields: Fields, name: str | None) -> Cluster | None:
     hash_on = _hash_on(fields, lb)
     connect_timeout = fields.get("connect_timeout", _positive_duration, _DEFAULT.connect_timeout)
     max_connections = fields.get("max_connections", _max_connections, _DEFAULT.max_connections)
+    circuit_breaker = _circuit_breaker(fields)
+    outlier_detection = _outlier_detection(fields)
+    health_check = _health_check(fields)
+    retry_budget = _retry_budget(fields)
     if name is None or (not endpoints and dns is None):
         return None  # already reported; the compiler raises before any Cluster is used
-    return Cluster(name, endpoints, dns, lb, hash_on, connect_timeout, max_connections)
+    return Cluster(
+        name,
+        endpoints,
+        dns,
+        lb,
+        hash_on,
+        connect_timeout,
+        max_connections,
+        circuit_breaker=circuit_breaker,
+        outlier_detection=outlier_detection,
+        health_check=health_check,
+        retry_budget=retry_budget,
+    )
 
 
 def _endpoints(cluster: Fields) -> tuple[EndpointSpec, ...]:
@@ -157,3 +217,83 @@ def _hash_on(cluster: Fields, lb: str) -> HashOn:
     if match["kind"] == "cookie":
         return HashOn("cookie", match["name"])  # cookie names are case-sensitive
     return HashOn("client")
+
+
+def _circuit_breaker(cluster: Fields) -> CircuitBreaker:
+    fields = cluster.section("circuit_breaker", BREAKER_KEYS)
+    if fields is None:
+        return _BREAKER
+    max_requests = fields.get("max_requests", _at_least_one, _BREAKER.max_requests)
+    max_pending = fields.get("max_pending", _at_least_one, _BREAKER.max_pending)
+    consecutive_failures = fields.get("consecutive_failures", _at_least_zero, _BREAKER.consecutive_failures)
+    mark = fields.problems.mark()
+    open_for = fields.get("open_for", _positive_duration, _BREAKER.open_for)
+    # Unset, the cap is the default or open_for, whichever is longer: raising only open_for is never an error.
+    max_open_for = fields.get("max_open_for", _positive_duration, max(_BREAKER.max_open_for, open_for))
+    if not fields.problems.since(mark):
+        not_below(fields.at("max_open_for"), max_open_for, "open_for", open_for, fields.problems)
+    return CircuitBreaker(max_requests, max_pending, consecutive_failures, open_for, max_open_for)
+
+
+def _outlier_detection(cluster: Fields) -> OutlierDetection | None:
+    fields = cluster.section("outlier_detection", OUTLIER_KEYS)
+    if fields is None:
+        return None
+    consecutive_5xx = fields.get("consecutive_5xx", _at_least_one, _OUTLIER.consecutive_5xx)
+    mark = fields.problems.mark()
+    base = fields.get("base_ejection_time", _positive_duration, _OUTLIER.base_ejection_time)
+    # As in Envoy: unset, the cap is 300s or the base ejection time, whichever is longer.
+    maximum = fields.get("max_ejection_time", _positive_duration, max(_OUTLIER.max_ejection_time, base))
+    if not fields.problems.since(mark):
+        not_below(fields.at("max_ejection_time"), maximum, "base_ejection_time", base, fields.problems)
+    percent = fields.get("max_ejection_percent", _percent, _OUTLIER.max_ejection_percent)
+    return OutlierDetection(consecutive_5xx, base, maximum, percent)
+
+
+def _health_check(cluster: Fields) -> HealthCheck | None:
+    fields = cluster.section("health_check", HEALTH_CHECK_KEYS)
+    if fields is None:
+        return None
+    path = fields.get("path", _check_path, _HEALTH_CHECK.path)
+    mark = fields.problems.mark()
+    interval = fields.get("interval", _positive_duration, _HEALTH_CHECK.interval)
+    # Unset, the timeout shrinks with a short interval, so setting only the interval is never an error.
+    timeout = fields.get("timeout", _positive_duration, min(_HEALTH_CHECK.timeout, interval))
+    if not fields.problems.since(mark):
+        # Checks of one endpoint never overlap: each is over (answered or timed out) before the next is due.
+        not_above(fields.at("timeout"), timeout, "interval", interval, fields.problems)
+    return HealthCheck(
+        path=path,
+        interval=interval,
+        timeout=timeout,
+        unhealthy_threshold=fields.get("unhealthy_threshold", _at_least_one, _HEALTH_CHECK.unhealthy_threshold),
+        healthy_threshold=fields.get("healthy_threshold", _at_least_one, _HEALTH_CHECK.healthy_threshold),
+        panic_threshold=fields.get("panic_threshold", _percent, _HEALTH_CHECK.panic_threshold),
+    )
+
+
+def _check_path(value: object, path: str, problems: Problems) -> str | None:
+    text = string(value, path, problems)
+    if text is None:
+        return None
+    if not text.startswith("/"):
+        problems.add(path, 'must start with "/"')
+        return None
+    if _CHECK_PATH.fullmatch(text) is None:
+        problems.add(path, f"invalid path {quote(text)} ({_CHECK_PATH_HINT})")
+        return None
+    return text
+
+
+def _retry_budget(cluster: Fields) -> RetryBudget:
+    fields = cluster.section("retry_budget", RETRY_BUDGET_KEYS)
+    if fields is None:
+        return _BUDGET
+    ratio = fields.get("ratio", _ratio, _BUDGET.ratio)
+    min_per_second = fields.get("min_per_second", _per_second, _BUDGET.min_per_second)
+    window = fields.get("window", _positive_duration, _BUDGET.window)
+    if window < _MIN_WINDOW:
+        # Fewer than a second of history makes min_per_second meaningless and the ratio jumpy.
+        fields.problems.add(fields.at("window"), "must be >= 1s")
+        window = _BUDGET.window
+    return RetryBudget(ratio, min_per_second, window)

@@ -2,7 +2,8 @@
 
 Pure: no I/O, no clock (reading the file and stamping ``version``/``source``/``loaded_at`` is the caller's job).
 Every section is decoded even after a problem is found, so the error lists everything wrong at once. This module
-owns the top level, ``limits`` and ``telemetry``; ``routes.py`` and ``clusters.py`` own their sections.
+owns the top level, ``limits``, ``telemetry`` and ``rate_limit_service``; ``routes.py`` and ``clusters.py`` own
+their sections.
 """
 
 from __future__ import annotations
@@ -27,20 +28,21 @@ from gateway.config.schema import (
     matching,
     size,
 )
-from gateway.config.snapshot import Address, Limits, LogSettings, Route, Snapshot
+from gateway.config.snapshot import Address, Limits, LogSettings, RateLimitService, Route, Snapshot
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"]
 
 DEFAULT_LISTEN = Address("127.0.0.1", 8080)
 DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 
-TOP_KEYS = ("service", "listen", "admin", "routes", "clusters", "limits", "telemetry")
+TOP_KEYS = ("service", "listen", "admin", "routes", "clusters", "limits", "telemetry", "rate_limit_service")
 # authn/authz above all must never be ignored: a gateway that drops its authn section serves everything fail-open.
 TOP_UNSUPPORTED = ("authn", "authz", "config_service", "tls", "mesh")
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
 TELEMETRY_KEYS = ("logs",)
 TELEMETRY_UNSUPPORTED = ("tracing", "metrics")
 LOG_KEYS = ("level", "access_log")
+RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
 EscapedSlashes = Literal["unescape", "reject", "keep"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -51,8 +53,12 @@ LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 _SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _SERVICE_HINT = 'use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit'
 _service = matching(_SERVICE, "service name", _SERVICE_HINT)
+# Redis key prefixes: several gateway fleets may share one Redis, each under its own prefix.
+_PREFIX = re.compile(r"[A-Za-z0-9:_-]+")
+_prefix = matching(_PREFIX, "prefix", 'use letters, digits, ":", "_", "-"')
 _LIMITS = Limits()
 _LOGS = LogSettings()
+_RATE_LIMIT_SERVICE = RateLimitService(Address("127.0.0.1", 6379))
 
 
 def compile_text(text: str) -> Snapshot:
@@ -78,6 +84,7 @@ def compile_document(document: object) -> Snapshot:
     problems.extend(cluster_problems)
     limits = _limits(fields)
     logs = _logs(fields)
+    rate_limit_service = _rate_limit_service(fields)
     if service is None or section is None or problems.since(0):
         raise ConfigError(problems.items)
     return Snapshot(
@@ -88,6 +95,7 @@ def compile_document(document: object) -> Snapshot:
         clusters=section.clusters,
         limits=limits,
         logs=logs,
+        rate_limit_service=rate_limit_service,
         hash=canonical_hash(document),
         document=redact(document),
     )
@@ -104,7 +112,9 @@ def _routes(top: Fields, cluster_names: Collection[str] | None) -> list[Route]:
     if not top.has("routes"):
         top.problems.add("routes", "required")
         return []
-    return compile_routes(top.raw["routes"], top.problems, cluster_names)
+    # Only whether rate_limit_service is there matters to a route; its own problems are reported once, below.
+    shared_limits = top.has("rate_limit_service")
+    return compile_routes(top.raw["routes"], top.problems, cluster_names, shared_limits=shared_limits)
 
 
 def _listeners(fields: Fields) -> tuple[Address, Address]:
@@ -164,3 +174,13 @@ def _logs(top: Fields) -> LogSettings:
         level=fields.get("level", choice(LOG_LEVELS, "level"), _LOGS.level),
         access_log=fields.get("access_log", boolean, _LOGS.access_log),
     )
+
+
+def _rate_limit_service(top: Fields) -> RateLimitService | None:
+    fields = top.section("rate_limit_service", RATE_LIMIT_SERVICE_KEYS)
+    if fields is None:
+        return None
+    redis = fields.required("redis", address)
+    timeout = fields.get("timeout", duration(positive=True), _RATE_LIMIT_SERVICE.timeout)
+    prefix = fields.get("prefix", _prefix, _RATE_LIMIT_SERVICE.prefix)
+    return RateLimitService(redis, timeout, prefix) if redis is not None else None

@@ -10,13 +10,14 @@ message format lives here and reads the same everywhere.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from gateway.config.errors import DOCUMENT, Problem
 from gateway.config.snapshot import Address
-from gateway.config.values import parse_address, parse_duration, parse_size, quote
+from gateway.config.values import format_duration, parse_address, parse_duration, parse_size, quote
 
 __all__ = [
     "NAME",
@@ -37,7 +38,11 @@ __all__ = [
     "items",
     "join",
     "list_of_any",
+    "mapping_of_any",
     "matching",
+    "not_above",
+    "not_below",
+    "number",
     "regex",
     "size",
     "string",
@@ -163,6 +168,30 @@ def integer(minimum: int, maximum: int | None = None) -> Decoder[int]:
     return decode
 
 
+def number(minimum: float, maximum: float | None = None, *, positive: bool = False) -> Decoder[float]:
+    """A finite number (integer or decimal) in ``minimum..maximum``; ``positive``: above ``minimum``, not at it."""
+
+    def decode(value: object, path: str, problems: Problems) -> float | None:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            _expected(problems, path, "a number", value)
+            return None
+        if not math.isfinite(value):
+            problems.add(path, "must be a finite number")
+            return None
+        if positive and value <= minimum:
+            problems.add(path, f"must be > {minimum}")
+            return None
+        if maximum is None and value < minimum:
+            problems.add(path, f"must be >= {minimum}")
+            return None
+        if maximum is not None and not minimum <= value <= maximum:
+            problems.add(path, f"must be between {minimum} and {maximum}")
+            return None
+        return float(value)
+
+    return decode
+
+
 def duration(*, positive: bool) -> Decoder[float]:
     """A duration string -> seconds. A bare number is refused: ``timeout: 5`` could mean seconds or milliseconds."""
 
@@ -214,6 +243,22 @@ def address(value: object, path: str, problems: Problems) -> Address | None:
         return None
 
 
+def not_below(path: str, seconds: float, name: str, bound: float, problems: Problems) -> bool:
+    """Is the duration at ``path`` at least the one named ``name``? ``must be >= <name> (<bound>)`` otherwise."""
+    if seconds < bound:
+        problems.add(path, f"must be >= {name} ({format_duration(bound)})")
+        return False
+    return True
+
+
+def not_above(path: str, seconds: float, name: str, bound: float, problems: Problems) -> bool:
+    """Is the duration at ``path`` at most the one named ``name``? ``must be <= <name> (<bound>)`` otherwise."""
+    if seconds > bound:
+        problems.add(path, f"must be <= {name} ({format_duration(bound)})")
+        return False
+    return True
+
+
 def choice(options: Sequence[S], noun: str = "value") -> Decoder[S]:
     """One of ``options``, exactly as written (case-sensitive, like every other keyword of the file)."""
 
@@ -235,6 +280,14 @@ def list_of_any(value: object, path: str, problems: Problems) -> list[object] | 
     if isinstance(value, list):
         return value
     _expected(problems, path, "a list", value)
+    return None
+
+
+def mapping_of_any(value: object, path: str, problems: Problems) -> Mapping[Any, object] | None:
+    """A mapping whose keys are data, not a fixed schema (so not ``Fields``); keys and values not yet decoded."""
+    if isinstance(value, Mapping):
+        return value
+    _expected(problems, path, "a mapping", value)
     return None
 
 
@@ -317,6 +370,12 @@ class Fields:
 
     def present(self, keys: Sequence[str]) -> list[str]:
         return [key for key in keys if self.has(key)]
+
+    def section(self, key: str, known: Sequence[str], unsupported: Sequence[str] = ()) -> Fields | None:
+        """``Fields`` over the mapping at ``key``; ``None`` when absent or not a mapping (that problem recorded)."""
+        if not self.has(key):
+            return None
+        return Fields.of(self.raw[key], self.at(key), self.problems, known, unsupported)
 
     def get(self, key: str, decode: Decoder[T], default: T) -> T:
         """The decoded value; ``default`` when absent, or when invalid (the problem is recorded)."""

@@ -14,7 +14,19 @@ from typing import Any, Literal
 
 __all__ = [
     "Address",
+    "CircuitBreaker",
     "Cluster",
+    "Fallback",
+    "FallbackResponse",
+    "HealthCheck",
+    "OutlierDetection",
+    "RateLimit",
+    "RateLimitKey",
+    "RateLimitService",
+    "RetryBudget",
+    "RetryOn",
+    "RetryPolicy",
+    "RETRY_CONDITIONS",
     "DnsDiscovery",
     "EndpointSpec",
     "HashOn",
@@ -100,6 +112,53 @@ class Rewrite:
     host: str | None = None
 
 
+RetryOn = Literal["connect-failure", "refused", "reset", "timeout"]
+RETRY_CONDITIONS: tuple[RetryOn, ...] = ("connect-failure", "refused", "reset", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Route retries. ``attempts`` counts every try, the first included (Envoy's num_retries + 1)."""
+
+    attempts: int = 1
+    per_try_timeout: float | None = None  # seconds; None = only the route deadline bounds a try
+    on: frozenset[RetryOn] = frozenset({"connect-failure", "refused", "reset"})
+    statuses: frozenset[int] = frozenset()  # response statuses that are retried, e.g. {502, 503, 504}
+    backoff_base: float = 0.025
+    backoff_max: float = 0.250
+    non_idempotent: bool = False  # opt in to retrying POST/PATCH (and other non-idempotent methods)
+    max_replay_body: int = 64 * 1024  # bytes of request body kept for replay; a larger body is sent once
+
+
+RateLimitKey = Literal["principal", "client", "header", "route"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Token bucket per route and key: ``rps`` tokens per second, at most ``burst`` saved up."""
+
+    rps: float
+    burst: int
+    key: RateLimitKey = "client"
+    header: str = ""  # lower-case header name when key == "header"
+    shared: bool = False  # count in Redis (``rate_limit_service``) across gateway replicas
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """What a route answers with when its cluster cannot: another cluster, or a static response."""
+
+    cluster: str | None = None
+    response: FallbackResponse | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -109,6 +168,9 @@ class Route:
     rewrite: Rewrite | None = None
     timeout: float | None = None  # seconds, whole request; None = no route deadline
     auth: Literal["required", "optional", "none"] = "required"
+    retry: RetryPolicy = RetryPolicy()
+    rate_limit: RateLimit | None = None
+    fallback: Fallback | None = None
 
     @property
     def total_weight(self) -> int:
@@ -139,6 +201,44 @@ class HashOn:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """Both kinds of breaking (Envoy's thresholds, Linkerd's failure accrual)."""
+
+    max_requests: int = 1024  # concurrent requests to the cluster; beyond -> 503 circuit_open at once
+    max_pending: int = 1024  # requests waiting for a pooled connection; beyond -> 503 circuit_open at once
+    consecutive_failures: int = 5  # per endpoint: trips its breaker (0 = never)
+    open_for: float = 10.0  # first trip duration; doubles on each repeated trip (with jitter) ...
+    max_open_for: float = 300.0  # ... up to this
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5  # 5xx responses or gateway errors (connect failure, reset, timeout) in a row
+    base_ejection_time: float = 30.0  # ejected for base x times-ejected
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10  # never eject more than this share of the cluster (Envoy's default)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    panic_threshold: int = 50  # percent healthy below which health is ignored (Envoy's panic mode)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Retries allowed per cluster: ``ratio`` of recent requests plus ``min_per_second`` (Linkerd's budget)."""
+
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[EndpointSpec, ...] = ()  # static list; empty when `dns` is set
@@ -147,6 +247,10 @@ class Cluster:
     hash_on: HashOn = HashOn("client")
     connect_timeout: float = 1.0
     max_connections: int = 1024  # keep-alive pool size per cluster
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
+    retry_budget: RetryBudget = RetryBudget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +272,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitService:
+    """Redis for shared rate limits; unreachable -> each gateway falls back to its local bucket."""
+
+    redis: Address
+    timeout: float = 0.025
+    prefix: str = "meshgate"
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One validated configuration. ``routes`` is in file order (first match wins)."""
 
@@ -178,6 +291,7 @@ class Snapshot:
     clusters: Mapping[str, Cluster]
     limits: Limits = Limits()
     logs: LogSettings = LogSettings()
+    rate_limit_service: RateLimitService | None = None
     # Provenance, for /config and the reload log.
     version: int = 0
     source: str = ""

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from gateway.config.snapshot import Address
 
-__all__ = ["parse_address", "parse_duration", "parse_size", "quote"]
+__all__ = ["format_duration", "parse_address", "parse_duration", "parse_size", "quote"]
 
 _DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)")
 # Decimal, so "100ms" is exactly the float nearest 0.1 rather than 100 * 0.001.
@@ -51,6 +51,18 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"invalid duration {quote(text)} (use e.g. 250ms, 2s, 1m)")
     return float(Decimal(match["number"]) * _SECONDS_PER_UNIT[match["unit"]])
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the duration string a message shows for them, in the largest whole unit: 0.25 -> ``"250ms"``,
+    90 -> ``"90s"``, 300 -> ``"5m"``. ``parse_duration`` reads every result back to the same float."""
+    value = Decimal(repr(seconds))
+    if value == 0:
+        return "0s"
+    for unit in ("h", "m", "s"):
+        if value % _SECONDS_PER_UNIT[unit] == 0:
+            return f"{value // _SECONDS_PER_UNIT[unit]}{unit}"
+    return f"{(value / _SECONDS_PER_UNIT['ms']).normalize():f}ms"
 
 
 def parse_size(value: int | str) -> int:

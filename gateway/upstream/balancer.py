@@ -5,16 +5,19 @@ two halves with different budgets:
 
 * ``update(endpoints)`` runs when the endpoint set changes (DNS refresh, config reload) and precomputes whatever
   ``pick`` needs: schedules, cumulative weights, the hash ring.
-* ``pick(hash_key, now, avoid)`` runs per attempt on the hot path: O(1) or O(log n) when the first candidate is
-  usable, no per-call lists. Degraded cases (candidates unavailable) fall back to a bounded linear scan.
+* ``pick(hash_key, now, avoid, panic=...)`` runs per attempt on the hot path: O(1) or O(log n) when the first
+  candidate is usable, no per-call lists. Degraded cases (candidates unusable) fall back to a bounded linear scan.
 
 Shared contract of ``pick``:
 
-* endpoints whose ``available`` is False are skipped; when none is available the result is None and the caller
-  decides (the pick stage replies 503). There is no Envoy-style "panic mode" here: that is a caller policy.
-* ``avoid`` (the endpoint the previous attempt failed on) is passed over when any other available endpoint exists,
-  and returned when it is the only available one, so a retry never fails for want of a *different* endpoint.
-* ``hash_key`` is used by ``ring_hash`` only; ``now`` by ``peak_ewma`` only. The others ignore them.
+* endpoints for which ``Endpoint.usable(now, panic)`` is False (unhealthy, ejected, or breaker not admitting) are
+  skipped; when none is usable the result is None and the caller decides (the pick stage replies 503).
+* ``panic`` is Envoy's panic mode, decided by the caller (``state.panic_mode``): health and ejection are ignored,
+  breakers still apply. The balancer only passes it on to ``usable``.
+* ``avoid`` (the endpoint the previous attempt failed on) is passed over when any other usable endpoint exists,
+  and returned when it is the only usable one, so a retry never fails for want of a *different* endpoint.
+* ``pick`` never changes an endpoint; the caller reports the chosen one (``breaker.on_attempt``, ``start``).
+* ``hash_key`` is used by ``ring_hash`` only; ``now`` by every policy for ``usable`` and by ``peak_ewma`` for cost.
 
 Pure: randomness comes from the injected ``random.Random``, time from ``now``. Not thread-safe; one event loop.
 """
@@ -44,7 +47,7 @@ __all__ = [
     "hash_key_64",
 ]
 
-# Random draws before a random balancer gives up sampling and scans: enough that a single unavailable or avoided
+# Random draws before a random balancer gives up sampling and scans: enough that a single unusable or avoided
 # endpoint almost never forces the scan, few enough that an outage costs little per request.
 _SAMPLE_TRIES = 3
 # Upper bound on the work (cycle length x endpoints) spent precomputing a smooth-WRR cycle in update(), ~15 ms of
@@ -67,14 +70,18 @@ class Balancer(Protocol):
         """Replace the endpoint set; precompute what ``pick`` needs (O(n) or O(n log n))."""
         ...
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
-        """One available endpoint, preferring one other than ``avoid``; None when none is available."""
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
+        """One usable endpoint, preferring one other than ``avoid``; None when none is usable."""
         ...
 
 
-def _scan(endpoints: Sequence[Endpoint], start: int, avoid: Endpoint | None) -> Endpoint | None:
-    """The slow path: first available endpoint other than ``avoid`` circularly from ``start``; else ``avoid`` if it
-    is in the set and available; else None."""
+def _scan(
+    endpoints: Sequence[Endpoint], start: int, avoid: Endpoint | None, now: float, panic: bool
+) -> Endpoint | None:
+    """The slow path: first usable endpoint other than ``avoid`` circularly from ``start``; else ``avoid`` if it
+    is in the set and usable; else None."""
     n = len(endpoints)
     fallback: Endpoint | None = None
     i = start
@@ -83,7 +90,7 @@ def _scan(endpoints: Sequence[Endpoint], start: int, avoid: Endpoint | None) -> 
             i = 0
         endpoint = endpoints[i]
         i += 1
-        if endpoint.available:
+        if endpoint.usable(now, panic):
             if endpoint is not avoid:
                 return endpoint
             fallback = endpoint
@@ -103,7 +110,7 @@ class _Base:
 
 
 class RoundRobin(_Base):
-    """Each available endpoint in turn, ignoring weights."""
+    """Each usable endpoint in turn, ignoring weights."""
 
     __slots__ = ("_next",)
 
@@ -116,7 +123,9 @@ class RoundRobin(_Base):
         # Start at a random offset, as Envoy does, so replicas restarted together do not all hit endpoint 0 first.
         self._next = self._rng.randrange(len(self._endpoints)) if self._endpoints else 0
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
         endpoints = self._endpoints
         n = len(endpoints)
         i = self._next
@@ -126,7 +135,7 @@ class RoundRobin(_Base):
                 i = 0
             endpoint = endpoints[i]
             i += 1
-            if endpoint.available:
+            if endpoint.usable(now, panic):
                 if endpoint is not avoid:
                     self._next = i
                     return endpoint
@@ -158,9 +167,9 @@ class WeightedRoundRobin(_Base):
 
     Every step each endpoint's ``current`` grows by its weight, the largest (first on ties) is chosen and loses the
     total weight. For weights 5,1,1 that gives ``a a b a c a a``. The cycle (total weight / gcd steps long) is
-    precomputed in ``update`` so ``pick`` just walks it; an unavailable endpoint's turns are skipped, which keeps
+    precomputed in ``update`` so ``pick`` just walks it; an unusable endpoint's turns are skipped, which keeps
     the others' shares in proportion. When the cycle would be too costly to precompute, ``pick`` runs the same
-    step live over the available endpoints, as nginx itself does.
+    step live over the usable endpoints, as nginx itself does.
     """
 
     __slots__ = ("_current", "_next", "_schedule", "_weights")
@@ -183,30 +192,32 @@ class WeightedRoundRobin(_Base):
             self._schedule = self._endpoints  # all weights equal: the cycle is plain round robin in list order
         elif total * len(self._endpoints) <= _MAX_SCHEDULE_WORK:
             current = [0] * len(self._endpoints)
-            everyone = [True] * len(self._endpoints)  # the cycle covers all endpoints; pick skips unavailable ones
+            everyone = [True] * len(self._endpoints)  # the cycle covers all endpoints; pick skips unusable ones
             self._schedule = tuple(
                 self._endpoints[_smooth_step(self._weights, current, everyone)] for _ in range(total)
             )
         else:
             self._schedule = None
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
         schedule = self._schedule
         if schedule is None:
-            eligible = [e.available and e is not avoid for e in self._endpoints]
+            eligible = [e.usable(now, panic) and e is not avoid for e in self._endpoints]
             best = _smooth_step(self._weights, self._current, eligible)
             if best >= 0:
                 return self._endpoints[best]
-            return avoid if avoid is not None and avoid.available and avoid in self._endpoints else None
+            return avoid if avoid is not None and avoid.usable(now, panic) and avoid in self._endpoints else None
         n = len(schedule)
         i = self._next
         fallback: Endpoint | None = None
-        for _ in range(n):  # one pass at most; only reached past the first entry when some are unavailable
+        for _ in range(n):  # one pass at most; only reached past the first entry when some are unusable
             if i >= n:
                 i = 0
             endpoint = schedule[i]
             i += 1
-            if endpoint.available:
+            if endpoint.usable(now, panic):
                 if endpoint is not avoid:
                     self._next = i
                     return endpoint
@@ -239,7 +250,9 @@ class RandomBalancer(_Base):
         self._cumulative = cumulative
         self._total = running
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
         endpoints = self._endpoints
         n = len(endpoints)
         if n == 0:
@@ -252,9 +265,9 @@ class RandomBalancer(_Base):
                 endpoint = endpoints[rng.randrange(n)]
             else:
                 endpoint = endpoints[bisect_right(cumulative, rng.randrange(self._total))]
-            if endpoint.available and endpoint is not avoid:
+            if endpoint is not avoid and endpoint.usable(now, panic):
                 return endpoint
-        return _scan(endpoints, rng.randrange(n), avoid)
+        return _scan(endpoints, rng.randrange(n), avoid, now, panic)
 
 
 class _PowerOfTwoChoices(_Base):
@@ -272,11 +285,13 @@ class _PowerOfTwoChoices(_Base):
     def _load(self, endpoint: Endpoint, now: float) -> float:
         raise NotImplementedError
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
         endpoints = self._endpoints
         n = len(endpoints)
         if n < 2:
-            return endpoints[0] if n == 1 and endpoints[0].available else None
+            return endpoints[0] if n == 1 and endpoints[0].usable(now, panic) else None
         rng = self._rng
         for _ in range(_SAMPLE_TRIES):
             i = rng.randrange(n)
@@ -285,8 +300,8 @@ class _PowerOfTwoChoices(_Base):
                 j += 1
             a = endpoints[i]
             b = endpoints[j]
-            a_ok = a.available and a is not avoid
-            b_ok = b.available and b is not avoid
+            a_ok = a is not avoid and a.usable(now, panic)
+            b_ok = b is not avoid and b.usable(now, panic)
             if a_ok and b_ok:
                 # Strict '<': on a tie the first (uniformly random) sample wins, so ties are broken at random.
                 return b if self._load(b, now) < self._load(a, now) else a
@@ -294,7 +309,7 @@ class _PowerOfTwoChoices(_Base):
                 return a
             if b_ok:
                 return b
-        return _scan(endpoints, rng.randrange(n), avoid)
+        return _scan(endpoints, rng.randrange(n), avoid, now, panic)
 
 
 class LeastRequest(_PowerOfTwoChoices):
@@ -344,7 +359,7 @@ class RingHash(_Base):
 
     Each endpoint owns ``weight / gcd(weights) * vnodes_per_weight`` points derived from its address alone, so
     adding or removing an endpoint only moves the keys that land on its points: no key moves between endpoints
-    that stay. A key maps to the first point clockwise from its hash; an unavailable or avoided owner passes the
+    that stay. A key maps to the first point clockwise from its hash; an unusable or avoided owner passes the
     key on clockwise to the next owner, which is also where that key lands if the endpoint is removed.
 
     When ``sum(weight / gcd) * vnodes_per_weight`` would exceed ``max_ring``, the per-unit point count shrinks to
@@ -390,7 +405,9 @@ class RingHash(_Base):
         self._owners = [self._endpoints[index] for _, _, index in ring]
         self._distinct = len(self._endpoints)
 
-    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+    def pick(
+        self, hash_key: str | None, now: float, avoid: Endpoint | None = None, *, panic: bool = False
+    ) -> Endpoint | None:
         hashes = self._hashes
         size = len(hashes)
         if size == 0:
@@ -402,11 +419,11 @@ class RingHash(_Base):
             if index == size:
                 index = 0  # past the last point: wrap to the first
         owner = self._owners[index]
-        if owner.available and owner is not avoid:
+        if owner is not avoid and owner.usable(now, panic):
             return owner
-        return self._walk(index, avoid)
+        return self._walk(index, avoid, now, panic)
 
-    def _walk(self, index: int, avoid: Endpoint | None) -> Endpoint | None:
+    def _walk(self, index: int, avoid: Endpoint | None, now: float, panic: bool) -> Endpoint | None:
         """Clockwise from ``index`` to the next eligible owner; stops once every endpoint has been seen."""
         owners = self._owners
         size = len(owners)
@@ -414,7 +431,7 @@ class RingHash(_Base):
         fallback: Endpoint | None = None
         for _ in range(size):
             owner = owners[index]
-            if owner.available:
+            if owner.usable(now, panic):
                 if owner is not avoid:
                     return owner
                 fallback = owner

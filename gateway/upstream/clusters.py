@@ -77,6 +77,15 @@ class ClusterRuntime:
         self.endpoints = reconcile(self.endpoints, wanted, self.name)
         self.balancer.update(tuple(self.endpoints.values()))
 
+    async def ready(self) -> None:
+        """Wait for the first DNS answer (bounded by the resolver's timeout); at once for static endpoints.
+
+        Without it a DNS cluster served its first requests, right after /readyz said 200 or a reload swapped it in,
+        with no endpoints at all (503 no_healthy_upstream) until the background resolution landed.
+        """
+        if self._resolver is not None and self._resolver.addresses is None:
+            await self._resolver.refresh()  # concurrent with the task's own first refresh: the later one is a no-op
+
     def pool_settings_changed(self, spec: Cluster) -> bool:
         return (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections)
 
@@ -131,6 +140,7 @@ class Upstreams:
             if fresh.get(name) is not runtime:
                 self._retire(runtime)
         self._live = fresh
+        await asyncio.gather(*(runtime.ready() for runtime in fresh.values()))
         return dict(fresh)
 
     def _retire(self, runtime: ClusterRuntime) -> None:

@@ -1,4 +1,4 @@
-"""Runtime state of one upstream endpoint: in-flight count, peak-EWMA latency, availability.
+"""Runtime state of one upstream endpoint: in-flight count, peak-EWMA latency, health, ejection, breaker.
 
 An ``Endpoint`` is the mutable handle that balancers choose between and the forward stage reports into. It is keyed
 by ``(cluster, address)`` and survives config reloads and DNS refreshes (``discovery.reconcile`` keeps the object),
@@ -24,22 +24,33 @@ An endpoint with no RTT sample yet costs ``default_rtt`` while idle and a large 
 count) while its first requests are outstanding, as in Finagle: a new or hung endpoint takes one request at a time
 until it has answered once, instead of soaking up a burst on the strength of a guessed latency.
 
-Room is left for health, outlier ejection and the circuit breaker: they will decide ``available`` (health checks
-and ejection clear it; balancers skip endpoints whose ``available`` is False). Their own bookkeeping will be further
-slots on this class, so that it too survives reloads.
+Three independent things can take an endpoint out of rotation, and ``usable(now, panic)`` combines them for the
+balancers:
+
+* ``healthy``: set by active health checks (``health.py``); True until a check says otherwise.
+* outlier ejection (``outlier.py``): out until ``ejected_until``; the detector's counters live here too.
+* the circuit breaker (``breaker``, a ``resilience.breaker.Breaker``): tripped, or probing with its one probe out.
+
+In panic mode (``panic_mode``: too few endpoints are healthy and not ejected, Envoy's panic threshold) health and
+ejection are ignored, because spreading load over every endpoint beats piling it onto the few survivors and
+toppling them too. The breaker still applies even then: it reflects what this gateway's own requests just saw.
+All of this is ordinary state on the same object, so it survives reloads and DNS refreshes like the counters do.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
-from gateway.config.snapshot import Address
+from gateway.config.snapshot import Address, CircuitBreaker
+from gateway.resilience.breaker import Breaker
 
-__all__ = ["DEFAULT_DECAY", "DEFAULT_RTT", "PENALTY", "Endpoint"]
+__all__ = ["DEFAULT_CIRCUIT_BREAKER", "DEFAULT_DECAY", "DEFAULT_RTT", "PENALTY", "Endpoint", "panic_mode"]
 
 DEFAULT_RTT = 0.030  # seconds; linkerd2-proxy's EWMA_DEFAULT_RTT: a plausible in-cluster latency, neither 0 nor huge
 DEFAULT_DECAY = 10.0  # seconds; linkerd2-proxy's EWMA_DECAY
 PENALTY = 1e6  # cost of an endpoint still waiting for its first answer; dwarfs any real cost (seconds x requests)
+DEFAULT_CIRCUIT_BREAKER = CircuitBreaker()
 
 
 class Endpoint:
@@ -54,10 +65,14 @@ class Endpoint:
         "_estimate",
         "_sampled_at",
         "address",
-        "available",
+        "breaker",
         "cluster",
+        "consecutive_failures_5xx",
+        "ejected_until",
+        "healthy",
         "in_flight",
         "key",
+        "times_ejected",
         "weight",
     )
 
@@ -69,6 +84,7 @@ class Endpoint:
         *,
         default_rtt: float = DEFAULT_RTT,
         decay: float = DEFAULT_DECAY,
+        circuit_breaker: CircuitBreaker = DEFAULT_CIRCUIT_BREAKER,
     ) -> None:
         if weight < 1:
             raise ValueError(f"endpoint weight must be >= 1, got {weight}")
@@ -79,8 +95,12 @@ class Endpoint:
         self.weight = weight
         self.key = str(address)  # the ring-hash identity and the reconcile key: stable across processes
         self.in_flight = 0
-        # Set by health checks / outlier ejection / breaker later; balancers skip endpoints where it is False.
-        self.available = True
+        self.healthy = True  # active health checks clear and set it; endpoints start in rotation
+        self.breaker = Breaker(circuit_breaker)  # settings follow reloads via breaker.reconfigure()
+        # Outlier detection bookkeeping (see outlier.py): out of rotation while now < ejected_until.
+        self.ejected_until = 0.0
+        self.times_ejected = 0
+        self.consecutive_failures_5xx = 0
         self._default_rtt = default_rtt
         self._decay = decay
         self._estimate = default_rtt  # seconds
@@ -88,6 +108,19 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.cluster!r}, {self.key!r}, weight={self.weight}, in_flight={self.in_flight})"
+
+    def usable(self, now: float, panic: bool = False) -> bool:
+        """Whether a balancer may choose this endpoint at ``now``: healthy, not ejected, and its breaker admits.
+
+        With ``panic`` health and ejection are ignored (see the module docstring); the breaker never is.
+        """
+        if not panic and (not self.healthy or now < self.ejected_until):
+            return False
+        return self.breaker.admits(now)
+
+    def ejected_at(self, now: float) -> bool:
+        """Whether outlier detection holds the endpoint out at ``now`` (it returns once ``ejected_until`` passes)."""
+        return now < self.ejected_until
 
     @property
     def has_rtt(self) -> bool:
@@ -132,3 +165,18 @@ class Endpoint:
         if self._sampled_at is None and self.in_flight > 0:
             return PENALTY + self.in_flight
         return self.rtt_estimate(now) * (self.in_flight + 1)
+
+
+def panic_mode(endpoints: Collection[Endpoint], threshold_percent: float, now: float) -> bool:
+    """Whether fewer than ``threshold_percent`` % of ``endpoints`` are healthy and not ejected at ``now``.
+
+    Envoy's panic threshold (default 50): below it the balancer should ignore health and ejection (``pick(...,
+    panic=True)``). Breakers are not counted: they gate each endpoint in panic mode too. An empty set is not in
+    panic (there is nothing to spread over); a threshold of 0 disables panic mode. O(n): call it once per request
+    at most, or cache it per cluster for a short while.
+    """
+    total = len(endpoints)
+    if total == 0 or threshold_percent <= 0:
+        return False
+    usable = sum(1 for e in endpoints if e.healthy and now >= e.ejected_until)
+    return usable * 100 < threshold_percent * total

@@ -14,6 +14,7 @@ import pytest
 from gateway.config.compile import compile_document, compile_text
 from gateway.config.snapshot import (
     Address,
+    CircuitBreaker,
     Cluster,
     DnsDiscovery,
     EndpointSpec,
@@ -334,3 +335,14 @@ def test_example_config_compiles() -> None:
     assert any(match.methods for match in matches)
     assert any(match.headers for match in matches)
     assert any(route.rewrite is not None and route.rewrite.prefix for route in snapshot.routes)
+    # The resilience settings are shown too, on the demo cluster and its routes.
+    assert routes["items-by-id"].retry.attempts > 1
+    assert routes["items-by-id"].retry.statuses
+    assert any(route.rate_limit is not None for route in snapshot.routes)
+    assert not any(route.rate_limit is not None and route.rate_limit.shared for route in snapshot.routes)  # no Redis
+    assert snapshot.rate_limit_service is None
+    assert any(route.fallback is not None and route.fallback.response is not None for route in snapshot.routes)
+    assert demo.circuit_breaker != CircuitBreaker()
+    assert demo.outlier_detection is not None
+    assert demo.health_check is not None
+    assert demo.health_check.path == "/healthz"  # what examples/upstream.py answers

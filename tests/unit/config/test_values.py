@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.snapshot import Address
-from gateway.config.values import parse_address, parse_duration, parse_size, quote
+from gateway.config.values import format_duration, parse_address, parse_duration, parse_size, quote
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,27 @@ from gateway.config.values import parse_address, parse_duration, parse_size, quo
 )
 def test_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (0.025, "25ms"),
+        (0.1, "100ms"),
+        (0.7, "700ms"),
+        (1.5, "1500ms"),
+        (0.0005, "0.5ms"),
+        (1.0, "1s"),
+        (90.0, "90s"),
+        (300.0, "5m"),
+        (5400.0, "90m"),
+        (7200.0, "2h"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds  # what a message shows reads back as the same value
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_single_endpoint(policy: LbPolicy) -> None:
     balancer = balanced(policy, eps)
     assert picks(balancer, 5) == [only] * 5
     assert balancer.pick("k", 0.0, avoid=only) is only  # the only one: a retry goes back to it
-    only.available = False
+    only.healthy = False
     assert balancer.pick("k", 0.0) is None
     assert balancer.pick("k", 0.0, avoid=only) is None
 
@@ -88,8 +88,8 @@ def test_single_endpoint(policy: LbPolicy) -> None:
 @pytest.mark.parametrize("policy", LB_POLICIES)
 def test_unavailable_endpoints_are_skipped(policy: LbPolicy) -> None:
     eps = endpoints(1, 2, 1, 3)
-    eps[1].available = False
-    eps[3].available = False
+    eps[1].healthy = False
+    eps[3].healthy = False
     chosen = picks(balanced(policy, eps), 400)
     assert {e.key for e in chosen} == {eps[0].key, eps[2].key}
 
@@ -98,7 +98,7 @@ def test_unavailable_endpoints_are_skipped(policy: LbPolicy) -> None:
 def test_all_unavailable_gives_none(policy: LbPolicy) -> None:
     eps = endpoints(1, 1, 1)
     for endpoint in eps:
-        endpoint.available = False
+        endpoint.healthy = False
     balancer = balanced(policy, eps)
     assert balancer.pick("k", 0.0) is None
     assert balancer.pick(None, 0.0, avoid=eps[0]) is None
@@ -116,8 +116,8 @@ def test_avoid_is_passed_over_when_another_is_available(policy: LbPolicy) -> Non
 @pytest.mark.parametrize("policy", LB_POLICIES)
 def test_avoid_falls_back_when_it_is_the_only_available(policy: LbPolicy) -> None:
     eps = endpoints(1, 1, 1)
-    eps[0].available = False
-    eps[2].available = False
+    eps[0].healthy = False
+    eps[2].healthy = False
     balancer = balanced(policy, eps)
     assert all(balancer.pick(f"k{i}", 0.0, avoid=eps[1]) is eps[1] for i in range(50))
 
@@ -126,7 +126,7 @@ def test_avoid_falls_back_when_it_is_the_only_available(policy: LbPolicy) -> Non
 def test_avoid_outside_the_set_is_ignored(policy: LbPolicy) -> None:
     eps = endpoints(1, 1)
     stranger = endpoints(1, cluster="other")[0]
-    eps[0].available = False
+    eps[0].healthy = False
     assert balanced(policy, eps).pick("k", 0.0, avoid=stranger) is eps[1]
 
 
@@ -134,6 +134,52 @@ def test_avoid_outside_the_set_is_ignored(policy: LbPolicy) -> None:
 def test_same_seed_same_choices(policy: LbPolicy) -> None:
     eps = endpoints(1, 2, 3)
     assert picks(balanced(policy, eps, seed=3), 100) == picks(balanced(policy, eps, seed=3), 100)
+
+
+def trip(endpoint: Endpoint, now: float) -> None:
+    for _ in range(endpoint.breaker.settings.consecutive_failures):
+        endpoint.breaker.record_failure(now, random.Random(0))
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+def test_ejected_endpoints_are_skipped_until_their_time_passes(policy: LbPolicy) -> None:
+    eps = endpoints(1, 1, 1)
+    eps[1].ejected_until = 500.0
+    balancer = balanced(policy, eps)
+    before = {id(balancer.pick(f"k{i}", 499.0)) for i in range(300)}
+    assert before == {id(eps[0]), id(eps[2])}
+    after = {id(balancer.pick(f"k{i}", 500.0)) for i in range(300)}
+    assert id(eps[1]) in after  # back without anyone un-ejecting it
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+def test_tripped_breaker_is_skipped_and_probing_admits_one_probe(policy: LbPolicy) -> None:
+    eps = endpoints(1, 1)
+    trip(eps[0], now=0.0)
+    until = eps[0].breaker.tripped_until
+    balancer = balanced(policy, eps)
+    assert all(balancer.pick(f"k{i}", until - 0.01) is eps[1] for i in range(100))
+    eps[1].healthy = False  # leave the probing endpoint as the only candidate
+    probe = balancer.pick("k", until)
+    assert probe is eps[0]
+    probe.breaker.on_attempt(until)
+    assert balancer.pick("k", until) is None  # the probe is in flight: nothing else goes there
+    probe.breaker.record_success(until + 0.01)
+    assert balancer.pick("k", until + 0.01) is eps[0]
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+def test_panic_ignores_health_and_ejection_but_not_breakers(policy: LbPolicy) -> None:
+    eps = endpoints(1, 1, 1, 1)
+    eps[0].healthy = False
+    eps[1].ejected_until = 100.0
+    trip(eps[2], now=0.0)
+    eps[3].healthy = False
+    balancer = balanced(policy, eps)
+    assert balancer.pick("k", 1.0) is None
+    chosen = {id(balancer.pick(f"k{i}", 1.0, panic=True)) for i in range(300)}
+    assert chosen == {id(eps[0]), id(eps[1]), id(eps[3])}
+    assert balancer.pick("k", 1.0, avoid=eps[0], panic=True) is not eps[0]
 
 
 # ---- round robin ----------------------------------------------------------------------------------------------
@@ -154,7 +200,7 @@ def test_round_robin_skips_unavailable_and_keeps_order() -> None:
     eps = endpoints(1, 1, 1, 1)
     balancer = RoundRobin(random.Random(0))
     balancer.update(eps)
-    eps[1].available = False
+    eps[1].healthy = False
     chosen = picks(balancer, 9)
     first = [eps[0], eps[2], eps[3]].index(chosen[0])
     assert chosen == [[eps[0], eps[2], eps[3]][(first + i) % 3] for i in range(9)]
@@ -190,18 +236,18 @@ def test_smooth_weighted_round_robin_live_mode_gives_the_same_sequence(monkeypat
     assert isinstance(live, WeightedRoundRobin)
     assert live._schedule is None
     assert picks(live, 64) == precomputed
-    eps[0].available = False
+    eps[0].healthy = False
     assert {id(e) for e in picks(live, 30)} == {id(e) for e in eps[1:]}
     assert all(live.pick(None, 0.0, avoid=eps[1]) is not eps[1] for _ in range(30))
     for endpoint in eps[2:]:
-        endpoint.available = False
+        endpoint.healthy = False
     assert live.pick(None, 0.0, avoid=eps[1]) is eps[1]
 
 
 def test_smooth_weighted_round_robin_keeps_shares_when_one_is_unavailable() -> None:
     eps = endpoints(5, 3, 2)
     balancer = balanced("weighted_round_robin", eps)
-    eps[0].available = False
+    eps[0].healthy = False
     counts = Counter(e.key for e in picks(balancer, 500))
     assert counts == {eps[1].key: 300, eps[2].key: 200}
 
@@ -355,7 +401,7 @@ def test_ring_hash_removing_an_endpoint_moves_only_its_keys() -> None:
 def test_ring_hash_unavailable_owner_hands_keys_to_where_removal_would() -> None:
     eps = endpoints(1, 1, 1, 1, 1)
     balancer = balanced("ring_hash", eps)
-    eps[2].available = False
+    eps[2].healthy = False
     without = owners(balanced("ring_hash", eps[:2] + eps[3:]))
     assert owners(balancer) == without
 
