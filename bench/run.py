@@ -21,9 +21,12 @@ under test, so it is on core 0.
 
 Per target we record wrk's req/s, p50/p75/p90/p99 and error counts, the CPU time (utime+stime from
 ``/proc/<pid>/stat``, whole process tree) of the process under test, of the upstream nginx and of wrk, divided by the
-number of requests, and each core's busy share from ``/proc/stat`` (shows which side saturated). Raw results go to
-``<out>/results.json``, a Markdown summary to ``<out>/summary.md``. With ``--profile`` meshgate (one worker) is then
-loaded again and sampled with py-spy: ``<out>/profile.svg``, ``<out>/profile.raw.txt`` and ``<out>/profile_top.txt``.
+number of requests (the proxy's split into user/system time), each core's busy share from ``/proc/stat`` (shows which
+side saturated), the "other load" on the machine (busy core-seconds not used by our processes; a noisy run is
+re-measured, ``--retries``), and the upstream nginx's ``stub_status`` counters (requests proxied, new upstream
+connections). Raw results go to ``<out>/results.json``, a Markdown summary to ``<out>/summary.md``. With
+``--profile`` meshgate (one worker) is then loaded again and sampled with py-spy in ``--nonblocking`` mode:
+``<out>/profile.svg``, ``<out>/profile.raw.txt`` and ``<out>/profile_top.txt``.
 
 Every process the harness starts lives in its own session and is stopped (SIGTERM, then SIGKILL of its process
 group) in a ``finally`` block, on errors and on Ctrl-C/SIGTERM too. Only 127.0.0.1 is used.

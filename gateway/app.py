@@ -58,7 +58,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     metrics = Metrics()
     rng = random.Random()
     server = GatewayServer(build_pipeline(metrics, rng), metrics)
-    upstreams = Upstreams(rng, grace=first.limits.drain_timeout + 5.0)
+    upstreams = Upstreams(rng, grace=5.0)
 
     def publish(serving: Serving) -> None:
         previous = server.serving
@@ -98,7 +98,6 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
             snapshot.listen.host,
             snapshot.listen.port,
             reuse_port=reuse_port,
-            drain_timeout=snapshot.limits.drain_timeout,
         )
         await admin_runner.setup()
         await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
@@ -106,7 +105,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
         log.error(
             "listen_failed", error=exc.strerror or str(exc), listen=str(snapshot.listen), admin=str(snapshot.admin)
         )
-        await server.stop()
+        await server.stop(drain_timeout=0.0)
         await admin_runner.cleanup()
         await upstreams.close()
         return 1
@@ -121,9 +120,11 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
 
     await stop.wait()
     admin_state.draining = True
-    log.info("draining", drain_timeout=server.serving.snapshot.limits.drain_timeout if server.serving else None)
-    await source.stop()
-    await server.stop()
+    await source.stop()  # no reload may start mid-drain
+    assert server.serving is not None
+    drain_timeout = server.serving.snapshot.limits.drain_timeout
+    log.info("draining", drain_timeout=drain_timeout)
+    await server.stop(drain_timeout)
     await admin_runner.cleanup()
     await upstreams.close()
     log.info("stopped")

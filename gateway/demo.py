@@ -37,6 +37,11 @@ def run_demo(config: Path | None) -> int:
         print(f"{upstream_script}: demo upstream not found (run from a meshgate checkout)", file=sys.stderr)
         return 1
     processes: list[subprocess.Popen[bytes]] = []
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the demo exactly like Ctrl-C
+
+    # Installed before anything starts, so a SIGTERM at any point still reaches the cleanup below.
+    signal.signal(signal.SIGTERM, stop)
     try:
         for name, port in UPSTREAMS:
             processes.append(
@@ -70,14 +75,7 @@ Try:
 Edit {config} and save: the gateway reloads it without dropping a request.
 Ctrl-C stops everything."""
         )
-        stopped = False
-
-        def stop(_signum: int, _frame: object) -> None:
-            nonlocal stopped
-            stopped = True
-
-        signal.signal(signal.SIGTERM, stop)
-        while not stopped and all(p.poll() is None for p in processes):
+        while all(p.poll() is None for p in processes):
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ them into the same JSON local reply, access log line and counter as every other 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ class GatewayServer:
         self._pipeline = pipeline
         self._metrics = metrics
         self._runner: web.ServerRunner | None = None
+        self._in_flight = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         serving = self.serving
@@ -45,9 +47,13 @@ class GatewayServer:
         peer = transport.get_extra_info("peername") if transport is not None else None
         if peer:
             ctx.client_ip, ctx.client_port = peer[0], peer[1]
-        return await self._pipeline(ctx)
+        self._in_flight += 1
+        try:
+            return await self._pipeline(ctx)
+        finally:
+            self._in_flight -= 1
 
-    async def start(self, host: str, port: int, *, reuse_port: bool, drain_timeout: float) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool) -> None:
         serving = self.serving
         assert serving is not None
         limits = serving.snapshot.limits
@@ -65,16 +71,29 @@ class GatewayServer:
             lingering_time=1.0,
             access_log=None,
         )
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=drain_timeout)
+        # The drain itself happens in stop(); aiohttp's own shutdown only cancels what is left, so its timeout
+        # (which it waits twice: for handlers, then for their cancellation) is kept short.
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024)
         await site.start()
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the drain timeout), close connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, close idle connections, let in-flight requests finish for up to ``drain_timeout``
+        seconds (the value of the config serving now, reloads included), then cut what is left."""
+        runner = self._runner
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self._in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+        self._runner = None
 
 
 class _Server(web.Server):

@@ -62,8 +62,8 @@ def configure(level: str = "info", service: str = "meshgate") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_StructlogHandler()]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # aiohttp logs each client-side protocol error at ERROR with a traceback; the gateway reports those itself.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    # The data plane renders and logs protocol errors itself (server.py), so what still reaches "aiohttp.server"
+    # is a real failure (e.g. an admin handler crash) and must stay visible. Access lines are meshgate's own.
     logging.getLogger("aiohttp.access").setLevel(logging.CRITICAL)
 
 

@@ -102,6 +102,7 @@ _weight = integer(0)
 _timeout = duration(positive=True)
 _attempts = integer(1, 10)
 _status = integer(100, 599)
+_final_status = integer(200, 599)  # a 1xx is interim, never a final response
 _replay_body = size(positive=False)
 _rps = number(0, positive=True)
 _burst = integer(1)
@@ -446,10 +447,10 @@ def _response(fallback: Fields) -> FallbackResponse | None:
     fields = fallback.section("response", RESPONSE_KEYS)
     if fields is None:
         return None
-    status = fields.required("status", _status)
+    status = fields.required("status", _final_status)
     headers = fields.get("headers", _response_headers, _NO_HEADERS)
     body = fields.get("body", string, "")
-    if status is not None and body and (status < 200 or status in (204, 304)):
+    if status is not None and body and status in (204, 304):
         fields.problems.add(fields.at("body"), f"must be empty (a {status} response has no body)")
     return FallbackResponse(status, headers, body.encode("utf-8")) if status is not None else None
 

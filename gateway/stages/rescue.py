@@ -48,6 +48,8 @@ class Rescue:
             return await next(ctx)
         except GatewayError as error:
             return self._reply(ctx, error)
+        except ConnectionError:
+            raise  # the client went away: nobody to reply to; observe records it as 499
         except Exception:
             # A bug, not a client problem: keep the traceback for operators, give the client a generic reply.
             log.exception("internal_error", path=ctx.path)

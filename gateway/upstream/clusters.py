@@ -86,6 +86,10 @@ class ClusterRuntime:
         if self._resolver is not None and self._resolver.addresses is None:
             await self._resolver.refresh()  # concurrent with the task's own first refresh: the later one is a no-op
 
+    @property
+    def in_flight(self) -> int:
+        return sum(endpoint.in_flight for endpoint in self.endpoints.values())
+
     def pool_settings_changed(self, spec: Cluster) -> bool:
         return (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections)
 
@@ -145,7 +149,11 @@ class Upstreams:
 
     def _retire(self, runtime: ClusterRuntime) -> None:
         async def later() -> None:
+            # Requests pinned to the old snapshot may not have picked an endpoint yet: wait the grace period,
+            # then for the last in-flight request on this pool (a long download must not be cut by a reload).
             await asyncio.sleep(self._grace)
+            while runtime.in_flight:
+                await asyncio.sleep(1.0)
             await runtime.close()
 
         task = asyncio.create_task(later())
