@@ -9,6 +9,7 @@ them into the same JSON local reply, access log line and counter as every other 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ class GatewayServer:
         self._metrics = metrics
         self._runner: web.ServerRunner | None = None
         self._in_flight = 0
+        self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         serving = self.serving
@@ -52,6 +54,8 @@ class GatewayServer:
             return await self._pipeline(ctx)
         finally:
             self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> None:
         serving = self.serving
@@ -88,10 +92,10 @@ class GatewayServer:
             await site.stop()
         if runner.server is not None:
             runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout
-        while self._in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
         await runner.cleanup()
         self._runner = None
 
