@@ -28,6 +28,7 @@ class RequestContext:
         "cluster",
         "deadline",
         "endpoint",
+        "fallback",
         "path",
         "query",
         "reason",
@@ -54,6 +55,7 @@ class RequestContext:
         self.cluster = ""  # the cluster picked for this request ("" before forwarding)
         self.endpoint = ""  # "host:port" of the last attempt
         self.attempts = 0
+        self.fallback = ""  # "response" | "cluster" when the route's fallback answered
         self.deadline: float | None = None  # loop.time() by which upstream response headers must arrive
         self.status = 0  # final status sent to the client
         self.reason = ""  # local reply code, "" when the upstream answered

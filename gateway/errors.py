@@ -11,9 +11,11 @@ from collections.abc import Mapping
 
 __all__ = [
     "BadRequest",
+    "CircuitOpen",
     "GatewayError",
     "NoHealthyUpstream",
     "PayloadTooLarge",
+    "RateLimited",
     "RouteNotFound",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -60,3 +62,13 @@ class NoHealthyUpstream(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     code = "upstream_timeout"
+
+
+class CircuitOpen(GatewayError):
+    status = 503
+    code = "circuit_open"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limited"

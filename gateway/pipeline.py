@@ -7,6 +7,7 @@ request cost is one call per stage and nothing else.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -32,7 +33,5 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
 
 
 def _bind(stage: Stage, next_handler: Handler) -> Handler:
-    async def run(ctx: RequestContext) -> web.StreamResponse:
-        return await stage(ctx, next_handler)
-
-    return run
+    # A partial, not a wrapper coroutine: one coroutine frame per stage per request instead of two.
+    return functools.partial(stage.__call__, next=next_handler)

@@ -9,12 +9,13 @@ endpoint health) is read at scrape time through ``StateGauges`` instead of being
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["DURATION_BUCKETS", "Metrics", "StateRow"]
+__all__ = ["DURATION_BUCKETS", "Labelled", "Metrics", "StateRow"]
 
 # OpenTelemetry semantic-convention bucket advice for http.*.request.duration, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -23,66 +24,106 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 StateRow = tuple[Sequence[str], float]
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Labelled(Generic[M]):
+    """A metric family whose labelled children are cached by label values.
+
+    ``family.labels(...)`` costs a few microseconds (argument checks, a lock, a dict of strings); the gateway asks
+    for the same few children on every request, so they are looked up once in a tuple-keyed dict instead. The
+    label values are bounded (see the module docstring), so the cache is too.
+    """
+
+    __slots__ = ("_children", "family")
+
+    def __init__(self, family: M) -> None:
+        self.family: M = family
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.family.labels(*values)
+        return child
+
+
 class Metrics:
     """The metric families; one instance per process, passed to the stages that record into it."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.server_duration = Histogram(
-            "http_server_request_duration_seconds",
-            "Duration of HTTP server requests handled by the gateway.",
-            ["http_request_method", "http_route", "http_response_status_code"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.server_duration = Labelled(
+            Histogram(
+                "http_server_request_duration_seconds",
+                "Duration of HTTP server requests handled by the gateway.",
+                ["http_request_method", "http_route", "http_response_status_code"],
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            )
         )
-        self.client_duration = Histogram(
-            "http_client_request_duration_seconds",
-            "Duration of each upstream attempt, until the response headers (or the error).",
-            ["http_request_method", "upstream", "http_response_status_code", "error_type"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.client_duration = Labelled(
+            Histogram(
+                "http_client_request_duration_seconds",
+                "Duration of each upstream attempt, until the response headers (or the error).",
+                ["http_request_method", "upstream", "http_response_status_code", "error_type"],
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            )
         )
         self.active_requests = Gauge(
             "http_server_active_requests", "Requests the gateway is handling right now.", registry=r
         )
-        self.local_replies = Counter(
-            "meshgate_local_replies_total",
-            "Replies the gateway made itself instead of the upstream, by reason code.",
-            ["http_route", "reason"],
-            registry=r,
+        self.local_replies = Labelled(
+            Counter(
+                "meshgate_local_replies_total",
+                "Replies the gateway made itself instead of the upstream, by reason code.",
+                ["http_route", "reason"],
+                registry=r,
+            )
         )
         self.config_version = Gauge("meshgate_config_version", "Version of the config being served.", registry=r)
-        self.config_reloads = Counter(
-            "meshgate_config_reloads_total", "Config reload attempts by result.", ["result"], registry=r
+        self.config_reloads = Labelled(
+            Counter("meshgate_config_reloads_total", "Config reload attempts by result.", ["result"], registry=r)
         )
         # Resilience.
-        self.retries = Counter(
-            "meshgate_upstream_retries_total", "Upstream attempts beyond the first.", ["upstream"], registry=r
+        self.retries = Labelled(
+            Counter("meshgate_upstream_retries_total", "Upstream attempts beyond the first.", ["upstream"], registry=r)
         )
-        self.retry_budget_exhausted = Counter(
-            "meshgate_retry_budget_exhausted_total",
-            "Retries not made because the cluster's retry budget was spent.",
-            ["upstream"],
-            registry=r,
+        self.retry_budget_exhausted = Labelled(
+            Counter(
+                "meshgate_retry_budget_exhausted_total",
+                "Retries not made because the cluster's retry budget was spent.",
+                ["upstream"],
+                registry=r,
+            )
         )
-        self.outlier_ejections = Counter(
-            "meshgate_outlier_ejections_total", "Endpoints ejected by outlier detection.", ["upstream"], registry=r
+        self.outlier_ejections = Labelled(
+            Counter(
+                "meshgate_outlier_ejections_total", "Endpoints ejected by outlier detection.", ["upstream"], registry=r
+            )
         )
-        self.ratelimit_rejections = Counter(
-            "meshgate_ratelimit_rejections_total", "Requests refused by a rate limit.", ["http_route"], registry=r
+        self.ratelimit_rejections = Labelled(
+            Counter(
+                "meshgate_ratelimit_rejections_total", "Requests refused by a rate limit.", ["http_route"], registry=r
+            )
         )
-        self.ratelimit_fallbacks = Counter(
-            "meshgate_ratelimit_redis_fallbacks_total",
-            "Shared rate-limit decisions taken by the local bucket because Redis was unreachable.",
-            ["http_route"],
-            registry=r,
+        self.ratelimit_fallbacks = Labelled(
+            Counter(
+                "meshgate_ratelimit_redis_fallbacks_total",
+                "Shared rate-limit decisions taken by the local bucket because Redis was unreachable.",
+                ["http_route"],
+                registry=r,
+            )
         )
-        self.fallbacks = Counter(
-            "meshgate_fallbacks_total",
-            "Requests answered by a route's fallback (cluster or static response).",
-            ["http_route", "kind"],
-            registry=r,
+        self.fallbacks = Labelled(
+            Counter(
+                "meshgate_fallbacks_total",
+                "Requests answered by a route's fallback (cluster or static response).",
+                ["http_route", "kind"],
+                registry=r,
+            )
         )
 
     def state_gauges(
@@ -112,9 +153,7 @@ class Metrics:
 
 
 class _StateGauges(Collector):
-    def __init__(
-        self, families: Sequence[tuple[str, str, Sequence[str], Callable[[], Iterable[StateRow]]]]
-    ) -> None:
+    def __init__(self, families: Sequence[tuple[str, str, Sequence[str], Callable[[], Iterable[StateRow]]]]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

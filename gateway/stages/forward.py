@@ -1,180 +1,248 @@
-"""Forward: the terminal handler. Pick a cluster and an endpoint, send the request, stream the response back.
+"""Forward: the terminal handler. Cluster, admission, attempts with retries, fallback; then stream the answer.
 
-Bodies stream both ways and are never buffered whole: the client's body is handed to the upstream client as an
-async iterator (counted against ``limits.max_body_size`` as it goes) and the upstream's body is written to the
-client chunk by chunk with backpressure. The route deadline bounds the time to the upstream's response headers;
-once headers are sent to the client, a failure can only abort the connection, never become a local reply.
+Per request: pick the cluster (weighted split), pass the cluster's thresholds (max requests/pending, else 503
+``circuit_open`` at once), then up to ``retry.attempts`` attempts, each on an endpoint the balancer picks among the
+usable ones (healthy, not ejected, breaker admitting), preferring one the previous attempt did not fail on. Every
+outcome feeds that endpoint's breaker and outlier detection. A retry needs a retryable outcome (``retry.on``), a
+re-sendable body, an idempotent method (or the route's opt-in) unless nothing was sent, a token from the cluster's
+retry budget, and time left before the route deadline for its backoff (full jitter, or the upstream's
+``Retry-After``). When the cluster cannot answer, the route's fallback (cluster or static response) does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+import time
 
-import aiohttp
-import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.config.snapshot import HashOn
+from gateway.config.snapshot import HashOn, Route
 from gateway.context import RequestContext
 from gateway.errors import (
-    BadRequest,
+    CircuitOpen,
     GatewayError,
     NoHealthyUpstream,
-    PayloadTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.headers import upstream_request_headers
+from gateway.resilience.backoff import full_jitter
+from gateway.resilience.retry import method_retryable, retry_after_delay, retryable_failure, retryable_status
 from gateway.routing import pick_cluster, rewrite_path
+from gateway.upstream.attempt import send
+from gateway.upstream.body import RequestBody
 from gateway.upstream.clusters import ClusterRuntime
+from gateway.upstream.relay import relay, static_response
 from gateway.upstream.state import Endpoint
 from gateway.upstream.websocket import is_websocket_upgrade, proxy_websocket
 from telemetry.metrics import Metrics
 
 __all__ = ["Forward"]
 
-log = structlog.get_logger("meshgate.gateway")
-
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Failures after which nothing reached the upstream: re-sending is safe whatever the method.
+_NOTHING_SENT = frozenset({"connect-failure", "refused"})
+# Without a route timeout, the longest Retry-After (seconds) a retry waits for.
+_MAX_RETRY_AFTER = 1.0
+# Local replies a route's fallback answers instead.
+_FALLBACK_CODES = frozenset({"no_healthy_upstream", "circuit_open", "upstream_unavailable", "upstream_timeout"})
 
 
 class Forward:
     def __init__(self, metrics: Metrics, rng: random.Random) -> None:
-        self._client_duration = metrics.client_duration
+        self._metrics = metrics
         self._rng = rng
 
     async def __call__(self, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
         assert route is not None  # the route stage ran
         name = route.split[0].cluster if len(route.split) == 1 else pick_cluster(route, self._rng.random())
+        fallback = route.fallback
+        try:
+            return await self._to_cluster(ctx, route, name, exhausted_is_error=fallback is not None)
+        except GatewayError as error:
+            if fallback is None or error.code not in _FALLBACK_CODES or ctx.status:
+                raise
+            ctx.reason = error.code  # why the fallback answered, for the access log
+            if fallback.response is not None:
+                self._metrics.fallbacks.labels(route.name, "response").inc()
+                ctx.fallback = "response"
+                return static_response(ctx, fallback.response)
+            assert fallback.cluster is not None
+            self._metrics.fallbacks.labels(route.name, "cluster").inc()
+            ctx.fallback = "cluster"
+            return await self._to_cluster(ctx, route, fallback.cluster, exhausted_is_error=False)
+
+    async def _to_cluster(
+        self, ctx: RequestContext, route: Route, name: str, *, exhausted_is_error: bool
+    ) -> web.StreamResponse:
         ctx.cluster = name
         runtime = ctx.serving.clusters[name]
-        loop = asyncio.get_running_loop()
-        endpoint = runtime.balancer.pick(_hash_key(ctx, runtime.spec.hash_on), loop.time())
-        if endpoint is None:
-            raise NoHealthyUpstream(f'cluster "{name}" has no available endpoint')
-        ctx.endpoint = endpoint.key
-        ctx.attempts += 1
+        refused = runtime.admission.try_enter(runtime.spec.max_connections)
+        if refused is not None:
+            raise CircuitOpen(f'cluster "{name}" is over its {refused} threshold')
+        try:
+            if is_websocket_upgrade(ctx.request):
+                endpoint = self._pick(ctx, runtime, None)
+                return await proxy_websocket(ctx, runtime.session, self._url(ctx, route, endpoint), self._headers(ctx))
+            return await self._attempts(ctx, route, runtime, exhausted_is_error)
+        finally:
+            runtime.admission.leave()
+
+    async def _attempts(
+        self, ctx: RequestContext, route: Route, runtime: ClusterRuntime, exhausted_is_error: bool
+    ) -> web.StreamResponse:
         request = ctx.request
-        headers = upstream_request_headers(
-            request.headers,
+        policy = route.retry
+        loop = asyncio.get_running_loop()
+        method = request.method
+        may_resend = policy.attempts > 1 and method_retryable(policy, method)
+        body: RequestBody | None = None
+        if request.body_exists:
+            body = RequestBody(ctx)
+            if may_resend:
+                await body.buffer_up_to(policy.max_replay_body)
+        headers = self._headers(ctx)
+        runtime.budget.record_request(loop.time())
+        failed: Endpoint | None = None
+        for attempt in range(policy.attempts):
+            endpoint = self._pick(ctx, runtime, failed)
+            now = loop.time()
+            endpoint.breaker.on_attempt(now)
+            endpoint.start()
+            ctx.attempts += 1
+            ctx.endpoint = endpoint.key
+            until = ctx.deadline
+            if policy.per_try_timeout is not None:
+                per_try = now + policy.per_try_timeout
+                until = per_try if until is None else min(until, per_try)
+            data = body.payload() if body is not None else None
+            try:
+                outcome = await send(
+                    runtime.session,
+                    method,
+                    self._url(ctx, route, endpoint),
+                    headers,
+                    data,
+                    until=until,
+                    deadline=ctx.deadline,
+                )
+            except BaseException:  # cancelled: the client went away
+                endpoint.abandon()
+                endpoint.breaker.on_abandon(loop.time())
+                raise
+            elapsed = loop.time() - now
+            last = attempt + 1 >= policy.attempts
+            if isinstance(outcome, str):  # a failure kind
+                endpoint.abandon()  # not finish(): a fast failure must not make a broken endpoint look fast
+                runtime.record(endpoint, True, loop.time())
+                self._observe(method, runtime.name, "", outcome, elapsed)
+                if ctx.body_error is not None:
+                    raise ctx.body_error
+                error = _failure_error(runtime.name, outcome)
+                resend_ok = outcome in _NOTHING_SENT or may_resend
+                if (
+                    last
+                    or outcome == "deadline"
+                    or not retryable_failure(policy, outcome)
+                    or not resend_ok
+                    or (body is not None and not body.resendable)
+                    or not await self._backoff(ctx, route, runtime, attempt, None)
+                ):
+                    raise error
+                failed = endpoint
+                continue
+            status = outcome.status
+            runtime.record(endpoint, status >= 500, loop.time())
+            self._observe(method, runtime.name, str(status), "", elapsed)
+            if retryable_status(policy, status):  # the route counts this answer as a failed attempt
+                retry = (
+                    not last
+                    and may_resend
+                    and (body is None or body.resendable)
+                    and await self._backoff(
+                        ctx, route, runtime, attempt, retry_after_delay(outcome.headers.get("Retry-After"), time.time())
+                    )
+                )
+                if retry or exhausted_is_error:
+                    endpoint.finish(elapsed, loop.time())
+                    outcome.release()
+                    if not retry:  # out of attempts: the route's fallback answers instead of this failure
+                        raise UpstreamUnavailable(f'upstream "{runtime.name}" answered {status}, retries exhausted')
+                    failed = endpoint
+                    continue
+            try:
+                return await relay(ctx, outcome)
+            finally:
+                endpoint.finish(elapsed, loop.time())
+                outcome.release()
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _backoff(
+        self, ctx: RequestContext, route: Route, runtime: ClusterRuntime, attempt: int, retry_after: float | None
+    ) -> bool:
+        """Wait before the next attempt if the budget and the deadline allow one; False = do not retry."""
+        loop = asyncio.get_running_loop()
+        policy = route.retry
+        if retry_after is not None:
+            if ctx.deadline is None and retry_after > _MAX_RETRY_AFTER:
+                return False  # no deadline to bound it: do not park the request for an upstream's long pause
+            delay = retry_after
+        else:
+            delay = full_jitter(attempt, policy.backoff_base, policy.backoff_max, self._rng)
+        if ctx.deadline is not None and loop.time() + delay >= ctx.deadline:
+            return False  # an upstream's Retry-After or our backoff would pass the deadline
+        if not runtime.budget.try_withdraw(loop.time()):
+            self._metrics.retry_budget_exhausted.labels(runtime.name).inc()
+            return False
+        self._metrics.retries.labels(runtime.name).inc()
+        await asyncio.sleep(delay)
+        return True
+
+    def _pick(self, ctx: RequestContext, runtime: ClusterRuntime, avoid: Endpoint | None) -> Endpoint:
+        now = asyncio.get_running_loop().time()
+        endpoint = runtime.pick(_hash_key(ctx, runtime.spec.hash_on), now, avoid)
+        if endpoint is not None:
+            return endpoint
+        if runtime.all_tripped(now):
+            raise CircuitOpen(f'every endpoint of cluster "{runtime.name}" has a tripped circuit breaker')
+        raise NoHealthyUpstream(f'cluster "{runtime.name}" has no available endpoint')
+
+    @staticmethod
+    def _url(ctx: RequestContext, route: Route, endpoint: Endpoint) -> URL:
+        address = endpoint.address
+        return URL.build(
+            scheme="http",
+            host=address.host,
+            port=address.port,
+            path=rewrite_path(route, ctx.path),
+            query_string=ctx.query,
+            encoded=True,
+        )
+
+    @staticmethod
+    def _headers(ctx: RequestContext) -> CIMultiDict[str]:
+        route = ctx.route
+        assert route is not None
+        return upstream_request_headers(
+            ctx.request.headers,
             client_ip=ctx.client_ip,
             scheme=ctx.scheme,
             request_id=ctx.request_id,
             host_override=route.rewrite.host if route.rewrite is not None else None,
         )
-        path = rewrite_path(route, ctx.path)
-        address = endpoint.address
-        url = URL.build(
-            scheme="http",
-            host=address.host,
-            port=address.port,
-            path=path,
-            query_string=ctx.query,
-            encoded=True,
-        )
-        if is_websocket_upgrade(request):
-            return await proxy_websocket(ctx, runtime.session, url, headers)
-        return await self._exchange(ctx, runtime, endpoint, url, headers)
 
-    async def _exchange(
-        self,
-        ctx: RequestContext,
-        runtime: ClusterRuntime,
-        endpoint: Endpoint,
-        url: URL,
-        headers: CIMultiDict[str],
-    ) -> web.StreamResponse:
-        request = ctx.request
-        method = request.method
-        loop = asyncio.get_running_loop()
-        body = _stream_body(ctx) if request.body_exists else None
-        started = loop.time()
-        endpoint.start()
-        try:
-            async with asyncio.timeout_at(ctx.deadline):
-                upstream = await runtime.session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False, compress=None
-                )
-        except TimeoutError:
-            endpoint.abandon()
-            self._observe_attempt(method, runtime.name, "", "timeout", loop.time() - started)
-            raise UpstreamTimeout(f'upstream "{runtime.name}" did not answer within the route timeout') from None
-        except aiohttp.ClientError as exc:
-            # Abandon, not finish: a fast connection error must not make a broken endpoint look fast.
-            endpoint.abandon()
-            if ctx.body_error is not None:
-                raise ctx.body_error from None
-            kind = _error_type(exc)
-            self._observe_attempt(method, runtime.name, "", kind, loop.time() - started)
-            raise UpstreamUnavailable(f'upstream "{runtime.name}" failed: {kind}') from None
-        except BaseException:  # cancelled (client went away)
-            endpoint.abandon()
-            raise
-        rtt = loop.time() - started  # latency to response headers: what peak-EWMA compares endpoints by
-        self._observe_attempt(method, runtime.name, str(upstream.status), "", rtt)
-        try:
-            return await _relay(ctx, upstream)
-        finally:
-            endpoint.finish(rtt, loop.time())
-            upstream.release()
-
-    def _observe_attempt(self, method: str, upstream: str, status: str, error: str, elapsed: float) -> None:
-        self._client_duration.labels(method, upstream, status, error).observe(elapsed)
+    def _observe(self, method: str, upstream: str, status: str, error: str, elapsed: float) -> None:
+        self._metrics.client_duration.labels(method, upstream, status, error).observe(elapsed)
 
 
-async def _stream_body(ctx: RequestContext) -> AsyncIterator[bytes]:
-    """The client's body as chunks, with ``Expect: 100-continue`` answered and the size limit enforced."""
-    request = ctx.request
-    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-        # Answer the expectation only when the body is actually wanted: a request refused earlier (401, 413, ...)
-        # never sees 100 Continue, so the client does not send the body at all.
-        await request.writer.write(_CONTINUE)
-        request.writer.output_size = 0  # aiohttp does the same: the interim response is not the reply
-    limit = ctx.serving.snapshot.limits.max_body_size
-    received = 0
-    try:
-        async for chunk in request.content.iter_any():
-            received += len(chunk)
-            if limit is not None and received > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            yield chunk
-    except GatewayError as error:
-        ctx.body_error = error
-        raise
-    except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, ValueError) as exc:
-        ctx.body_error = BadRequest(f"malformed request body: {exc}")
-        raise
-
-
-async def _relay(ctx: RequestContext, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Send the upstream's status and headers, then stream its body with backpressure."""
-    request = ctx.request
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_response_headers(upstream.headers))
-    response.headers["x-request-id"] = ctx.request_id
-    length = upstream.content_length
-    if length is not None and "Transfer-Encoding" not in upstream.headers:
-        response.content_length = length
-    await response.prepare(request)
-    ctx.status = upstream.status
-    try:
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # Headers are gone already: the only honest signal left is to cut the connection, so the client sees a
-        # truncated response rather than a short body that looks complete.
-        log.warning("upstream_body_failed", upstream=ctx.cluster, endpoint=ctx.endpoint, error=type(exc).__name__)
-        ctx.reason = "upstream_reset"
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("upstream body failed") from None
-    await response.write_eof()
-    return response
+def _failure_error(cluster: str, kind: str) -> GatewayError:
+    if kind in ("timeout", "deadline"):
+        which = "the per-try timeout" if kind == "timeout" else "the route timeout"
+        return UpstreamTimeout(f'upstream "{cluster}" did not answer within {which}')
+    return UpstreamUnavailable(f'upstream "{cluster}" failed: {kind}')
 
 
 def _hash_key(ctx: RequestContext, hash_on: HashOn) -> str | None:
@@ -183,14 +251,3 @@ def _hash_key(ctx: RequestContext, hash_on: HashOn) -> str | None:
     if hash_on.kind == "header":
         return ctx.request.headers.get(hash_on.name)
     return ctx.request.cookies.get(hash_on.name)
-
-
-def _error_type(exc: aiohttp.ClientError) -> str:
-    """Bounded error classes for the ``error_type`` label and the reply message."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect_failure"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "reset"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return "protocol_error"
-    return "client_error"

@@ -15,19 +15,19 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.headers import new_request_id, request_id_from
 from gateway.pipeline import Handler
+from telemetry.access_log import AccessLog
 from telemetry.metrics import Metrics
 
 __all__ = ["Observe"]
-
-access_log = structlog.get_logger("meshgate.access")
 
 # nginx's convention for "the client went away before we answered".
 CLIENT_CLOSED = 499
 
 
 class Observe:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
         self._metrics = metrics
+        self._access_log = access_log
 
     async def __call__(self, ctx: RequestContext, next: Handler) -> web.StreamResponse:
         request = ctx.request
@@ -53,18 +53,22 @@ class Observe:
         route = ctx.route.name if ctx.route is not None else "unmatched"
         method = ctx.request.method
         self._metrics.server_duration.labels(method, route, str(ctx.status)).observe(elapsed)
-        if ctx.serving.snapshot.logs.access_log:
-            access_log.info(
-                "request",
-                method=method,
-                path=ctx.path or ctx.request.path,
-                route=route,
-                status=ctx.status,
-                duration_ms=round(elapsed * 1000, 3),
-                upstream=ctx.cluster or None,
-                endpoint=ctx.endpoint or None,
-                attempts=ctx.attempts,
-                client_address=ctx.client_ip,
-                decision_id=None,
-                reason=ctx.reason or None,
+        snapshot = ctx.serving.snapshot
+        if snapshot.logs.access_log:
+            self._access_log.emit(
+                snapshot.service,
+                {
+                    "request_id": ctx.request_id,
+                    "method": method,
+                    "path": ctx.path or ctx.request.path,
+                    "route": route,
+                    "status": ctx.status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "upstream": ctx.cluster or None,
+                    "endpoint": ctx.endpoint or None,
+                    "attempts": ctx.attempts,
+                    "client_address": ctx.client_ip,
+                    "decision_id": None,
+                    "reason": ctx.reason or None,
+                },
             )

@@ -1,4 +1,4 @@
-"""Runtime handles of upstream clusters: endpoints, balancer, connection pool and DNS refresh.
+"""Runtime handles of upstream clusters: endpoints, balancer, pool, DNS refresh, health and failure accounting.
 
 Config is data, runtime is handles: a ``ClusterRuntime`` is built from a ``config.snapshot.Cluster`` and lives
 across reloads, keyed by cluster name, so per-endpoint state (in-flight counts, latency estimates) and warm
@@ -17,9 +17,14 @@ import aiohttp
 import structlog
 
 from gateway.config.snapshot import Address, Cluster, EndpointSpec
+from gateway.resilience.breaker import Admission
+from gateway.resilience.retry import RetryBudget
 from gateway.upstream.balancer import Balancer, build_balancer
 from gateway.upstream.discovery import DnsResolver, reconcile
-from gateway.upstream.state import Endpoint
+from gateway.upstream.health import HealthChecker
+from gateway.upstream.outlier import OutlierDetector
+from gateway.upstream.state import Endpoint, panic_mode
+from telemetry.metrics import Metrics
 
 __all__ = ["ClusterRuntime", "Upstreams"]
 
@@ -50,15 +55,95 @@ def _new_session(spec: Cluster) -> aiohttp.ClientSession:
 class ClusterRuntime:
     """One cluster's live state. Mutated only from the event loop."""
 
-    def __init__(self, spec: Cluster, rng: random.Random) -> None:
+    def __init__(self, spec: Cluster, rng: random.Random, metrics: Metrics) -> None:
         self.spec = spec
         self.name = spec.name
         self._rng = rng
+        self._metrics = metrics
         self.endpoints: dict[str, Endpoint] = {}
         self.balancer: Balancer = build_balancer(spec.lb, rng)
         self.session = _new_session(spec)
+        self.admission = Admission(spec.circuit_breaker)
+        self.budget = _budget(spec)
+        self.outlier = OutlierDetector(spec.outlier_detection) if spec.outlier_detection else None
+        self.panic = False  # fewer healthy endpoints than the panic threshold: health is ignored (Envoy)
         self._resolver: DnsResolver | None = None
+        self._health: HealthChecker | None = None
+        self._health_session: aiohttp.ClientSession | None = None
         self._start_discovery()
+        self._start_health()
+
+    # --- per request -------------------------------------------------------------------------------------------
+
+    def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None) -> Endpoint | None:
+        """An endpoint for one attempt. When nothing is usable, spread over all endpoints whose breaker admits
+        (Envoy's panic mode at 0% healthy) rather than failing every request on stale health information."""
+        endpoint = self.balancer.pick(hash_key, now, avoid, panic=self.panic)
+        if endpoint is None and not self.panic:
+            endpoint = self.balancer.pick(hash_key, now, avoid, panic=True)
+        return endpoint
+
+    def all_tripped(self, now: float) -> bool:
+        """True when endpoints exist but every breaker refuses (503 circuit_open rather than no_healthy_upstream)."""
+        return bool(self.endpoints) and not any(e.breaker.admits(now) for e in self.endpoints.values())
+
+    def record(self, endpoint: Endpoint, failed: bool, now: float) -> None:
+        """Feed one attempt's outcome to the endpoint's breaker and to outlier detection."""
+        if failed:
+            endpoint.breaker.record_failure(now, self._rng)
+        else:
+            endpoint.breaker.record_success(now)
+        if self.outlier is not None and self.outlier.record(endpoint, failed, now, self.endpoints.values()):
+            self._metrics.outlier_ejections.labels(self.name).inc()
+            log.warning(
+                "endpoint_ejected",
+                upstream=self.name,
+                endpoint=endpoint.key,
+                until_in_s=round(endpoint.ejected_until - now, 3),
+                times_ejected=endpoint.times_ejected,
+            )
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        settings = self.spec.health_check
+        if settings is None:
+            return
+        # Probes get their own small pool: behind a saturated data-plane pool they would time out and mark live
+        # endpoints unhealthy exactly when it hurts most.
+        self._health_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=16), cookie_jar=aiohttp.DummyCookieJar()
+        )
+        self._health = HealthChecker(
+            self.name,
+            settings,
+            self._health_session,
+            lambda: tuple(self.endpoints.values()),
+            self._on_health_change,
+            rng=self._rng,
+        )
+        self._health.start()
+
+    async def _stop_health(self) -> None:
+        if self._health is not None:
+            await self._health.stop()
+            self._health = None
+        if self._health_session is not None:
+            await self._health_session.close()
+            self._health_session = None
+
+    def _on_health_change(self, endpoint: Endpoint, healthy: bool) -> None:
+        log.warning("endpoint_health_changed", upstream=self.name, endpoint=endpoint.key, healthy=healthy)
+        self._update_panic()
+
+    def _update_panic(self) -> None:
+        settings = self.spec.health_check
+        panic = settings is not None and panic_mode(
+            tuple(self.endpoints.values()), settings.panic_threshold, asyncio.get_running_loop().time()
+        )
+        if panic != self.panic:
+            log.warning("panic_mode", upstream=self.name, panic=panic)
+        self.panic = panic
 
     def _start_discovery(self) -> None:
         if self.spec.dns is not None:
@@ -75,7 +160,10 @@ class ClusterRuntime:
         # Existing Endpoint objects are kept (their state survives); a request already holding a dropped endpoint
         # keeps using it to the end, so nothing in flight is cut.
         self.endpoints = reconcile(self.endpoints, wanted, self.name)
+        for endpoint in self.endpoints.values():
+            endpoint.breaker.reconfigure(self.spec.circuit_breaker)  # new ones get the cluster's settings
         self.balancer.update(tuple(self.endpoints.values()))
+        self._update_panic()
 
     async def ready(self) -> None:
         """Wait for the first DNS answer (bounded by the resolver's timeout); at once for static endpoints.
@@ -105,19 +193,43 @@ class ClusterRuntime:
                 await self._resolver.stop()
                 self._resolver = None
             self._start_discovery()
+        if spec.circuit_breaker != old.circuit_breaker:
+            self.admission.reconfigure(spec.circuit_breaker)
+            for endpoint in self.endpoints.values():
+                endpoint.breaker.reconfigure(spec.circuit_breaker)  # state (trips, failures) is kept
+        if spec.outlier_detection != old.outlier_detection:
+            if spec.outlier_detection is None:
+                self.outlier = None
+            elif self.outlier is None:
+                self.outlier = OutlierDetector(spec.outlier_detection)
+            else:
+                self.outlier.reconfigure(spec.outlier_detection)
+        if spec.retry_budget != old.retry_budget:
+            self.budget = _budget(spec)
+        if spec.health_check != old.health_check:
+            await self._stop_health()
+            self._start_health()
+            self._update_panic()
 
     async def close(self) -> None:
         if self._resolver is not None:
             await self._resolver.stop()
             self._resolver = None
+        await self._stop_health()
         await self.session.close()
+
+
+def _budget(spec: Cluster) -> RetryBudget:
+    settings = spec.retry_budget
+    return RetryBudget(settings.ratio, settings.min_per_second, settings.window)
 
 
 class Upstreams:
     """The live set of ClusterRuntimes, reconciled against each new snapshot."""
 
-    def __init__(self, rng: random.Random, grace: float) -> None:
+    def __init__(self, rng: random.Random, grace: float, metrics: Metrics) -> None:
         self._rng = rng
+        self._metrics = metrics
         self._grace = grace  # how long a retired pool stays open for requests still on the old snapshot
         self._live: dict[str, ClusterRuntime] = {}
         self._retiring: dict[asyncio.Task[None], ClusterRuntime] = {}
@@ -132,11 +244,11 @@ class Upstreams:
         for name, spec in clusters.items():
             runtime = self._live.get(name)
             if runtime is None:
-                runtime = ClusterRuntime(spec, self._rng)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics)
             elif runtime.spec != spec:
                 if runtime.pool_settings_changed(spec):
                     self._retire(runtime)
-                    runtime = ClusterRuntime(spec, self._rng)
+                    runtime = ClusterRuntime(spec, self._rng, self._metrics)
                 else:
                     await runtime.update(spec)
             fresh[name] = runtime

@@ -21,6 +21,7 @@ from gateway.config.store import SnapshotStore
 from gateway.server import GatewayServer
 from gateway.serving import Serving
 from gateway.upstream.clusters import Upstreams
+from telemetry.access_log import AccessLog
 from telemetry.metrics import Metrics
 from tests.procs import free_port
 
@@ -72,8 +73,8 @@ async def stack() -> AsyncIterator[Stack]:
     await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
     metrics = Metrics()
     rng = random.Random(1)
-    server = GatewayServer(build_pipeline(metrics, rng), metrics)
-    upstreams = Upstreams(rng, grace=0.5)
+    server = GatewayServer(build_pipeline(metrics, rng, AccessLog()), metrics)
+    upstreams = Upstreams(rng, grace=0.5, metrics=metrics)
 
     def publish(serving: Serving) -> None:
         server.serving = serving
@@ -82,11 +83,11 @@ async def stack() -> AsyncIterator[Stack]:
     port = free_port()
     s = Stack(server, store, metrics, f"http://127.0.0.1:{port}", upstream_port)
     await store.apply(compile_document(s.document([{"name": "all", "cluster": "up"}])), "test")
-    await server.start("127.0.0.1", port, reuse_port=False, drain_timeout=1.0)
+    await server.start("127.0.0.1", port, reuse_port=False)
     try:
         yield s
     finally:
-        await server.stop()
+        await server.stop(drain_timeout=1.0)
         await upstreams.close()
         await upstream.cleanup()
 
