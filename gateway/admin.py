@@ -5,6 +5,7 @@ A separate listener from the proxy so probes and scrapes never compete with, or 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -59,16 +60,22 @@ def build_admin_app(state: AdminState, serving: Callable[[], Serving | None], me
         current = serving()
         if current is None:
             return web.json_response({"error": "no config loaded"}, status=503)
+        now = asyncio.get_running_loop().time()
         body = {
             name: {
                 "lb": runtime.spec.lb,
+                # Envoy's panic mode: too few healthy endpoints, so health is ignored and traffic spread over all.
+                "panic": runtime.panic,
+                "active_requests": runtime.admission.active,
                 "endpoints": [
                     {
                         "address": endpoint.key,
                         "weight": endpoint.weight,
                         "healthy": endpoint.healthy,
-                        "ejected": False,
-                        "breaker": "closed",
+                        "ejected": endpoint.ejected_at(now),
+                        "ejected_for_s": round(max(0.0, endpoint.ejected_until - now), 3),
+                        "times_ejected": endpoint.times_ejected,
+                        "breaker": endpoint.breaker.state_at(now),
                         "in_flight": endpoint.in_flight,
                     }
                     for endpoint in runtime.endpoints.values()

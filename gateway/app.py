@@ -24,6 +24,7 @@ from gateway.server import GatewayServer
 from gateway.serving import Serving
 from gateway.stages.forward import Forward
 from gateway.stages.observe import Observe
+from gateway.stages.ratelimit import RateLimitStage
 from gateway.stages.rescue import Rescue
 from gateway.stages.route import RouteStage
 from gateway.upstream.clusters import Upstreams
@@ -36,7 +37,7 @@ __all__ = ["build_pipeline", "run_gateway"]
 log = structlog.get_logger("meshgate.gateway")
 
 
-def build_pipeline(metrics: Metrics, rng: random.Random, access_log: AccessLog) -> Handler:
+def build_pipeline(metrics: Metrics, rng: random.Random, access_log: AccessLog, ratelimit: RateLimitStage) -> Handler:
     stages: list[Stage] = [
         # Outermost: sees every reply, local or proxied, and times the whole request including body streaming.
         Observe(metrics, access_log),
@@ -44,6 +45,9 @@ def build_pipeline(metrics: Metrics, rng: random.Random, access_log: AccessLog) 
         Rescue(metrics),
         # Normalizes the path before matching (and, later, before policy): nothing sees the raw path after this.
         RouteStage(),
+        # After routing (limits are per route) and, once they exist, before authz: floods never reach the policy
+        # engine.
+        ratelimit,
     ]
     return compose(stages, Forward(metrics, rng))
 
@@ -59,8 +63,10 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     metrics = Metrics()
     rng = random.Random()
     access_log = AccessLog()
-    server = GatewayServer(build_pipeline(metrics, rng, access_log), metrics)
+    ratelimit = RateLimitStage(metrics)
+    server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit), metrics)
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
+    metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
 
     def publish(serving: Serving) -> None:
         previous = server.serving
@@ -130,6 +136,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     await server.stop(drain_timeout)
     await admin_runner.cleanup()
     await upstreams.close()
+    await ratelimit.close()
     flusher.cancel()
     access_log.flush()
     log.info("stopped")

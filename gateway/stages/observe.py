@@ -70,5 +70,6 @@ class Observe:
                     "client_address": ctx.client_ip,
                     "decision_id": None,
                     "reason": ctx.reason or None,
+                    "fallback": ctx.fallback or None,
                 },
             )

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import aiohttp
 import structlog
 
 from gateway.config.snapshot import Address, Cluster, EndpointSpec
-from gateway.resilience.breaker import Admission
+from gateway.resilience.breaker import STATE_VALUES, Admission
 from gateway.resilience.retry import RetryBudget
 from gateway.upstream.balancer import Balancer, build_balancer
 from gateway.upstream.discovery import DnsResolver, reconcile
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.outlier import OutlierDetector
 from gateway.upstream.state import Endpoint, panic_mode
-from telemetry.metrics import Metrics
+from telemetry.metrics import Metrics, StateRow
 
 __all__ = ["ClusterRuntime", "Upstreams"]
 
@@ -132,9 +132,8 @@ class ClusterRuntime:
             await self._health_session.close()
             self._health_session = None
 
-    def _on_health_change(self, endpoint: Endpoint, healthy: bool) -> None:
-        log.warning("endpoint_health_changed", upstream=self.name, endpoint=endpoint.key, healthy=healthy)
-        self._update_panic()
+    def _on_health_change(self, _endpoint: Endpoint, _healthy: bool) -> None:
+        self._update_panic()  # the checker itself logs the transition (health_check_transition)
 
     def _update_panic(self) -> None:
         settings = self.spec.health_check
@@ -237,6 +236,24 @@ class Upstreams:
     @property
     def live(self) -> Mapping[str, ClusterRuntime]:
         return self._live
+
+    def breaker_rows(self) -> Iterator[StateRow]:
+        """``meshgate_circuit_breaker_state`` samples, read at scrape time."""
+        now = asyncio.get_running_loop().time()
+        for name, runtime in self._live.items():
+            for endpoint in runtime.endpoints.values():
+                yield (name, endpoint.key), STATE_VALUES[endpoint.breaker.state_at(now)]
+
+    def endpoint_rows(self) -> Iterator[StateRow]:
+        """``meshgate_upstream_endpoints`` samples by state (ejected wins over unhealthy), read at scrape time."""
+        now = asyncio.get_running_loop().time()
+        for name, runtime in self._live.items():
+            counts = {"healthy": 0, "unhealthy": 0, "ejected": 0}
+            for endpoint in runtime.endpoints.values():
+                state = "ejected" if endpoint.ejected_at(now) else "healthy" if endpoint.healthy else "unhealthy"
+                counts[state] += 1
+            for state, count in counts.items():
+                yield (name, state), count
 
     async def apply(self, clusters: Mapping[str, Cluster]) -> dict[str, ClusterRuntime]:
         """Return the runtimes for ``clusters``, reusing live ones; retire what is no longer needed."""

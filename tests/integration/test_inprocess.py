@@ -19,6 +19,7 @@ from gateway.app import build_pipeline
 from gateway.config.compile import compile_document
 from gateway.config.store import SnapshotStore
 from gateway.server import GatewayServer
+from gateway.stages.ratelimit import RateLimitStage
 from gateway.serving import Serving
 from gateway.upstream.clusters import Upstreams
 from telemetry.access_log import AccessLog
@@ -73,7 +74,7 @@ async def stack() -> AsyncIterator[Stack]:
     await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
     metrics = Metrics()
     rng = random.Random(1)
-    server = GatewayServer(build_pipeline(metrics, rng, AccessLog()), metrics)
+    server = GatewayServer(build_pipeline(metrics, rng, AccessLog(), RateLimitStage(metrics)), metrics)
     upstreams = Upstreams(rng, grace=0.5, metrics=metrics)
 
     def publish(serving: Serving) -> None:
