@@ -212,6 +212,9 @@ class RedisLimiter:
             answered = True
             if self.circuit.failed(self._clock()):
                 _log.warning("redis_limiter_unavailable", redis=str(self.address), error=repr(exc))
+            # Idle pooled connections may all point at a Redis that has since restarted: each would fail once more
+            # and re-trip the circuit. Drop them; the next call dials fresh.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
             return None
         finally:
             if acquired:

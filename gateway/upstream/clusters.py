@@ -10,6 +10,7 @@ requests still running on the old snapshot finish.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -41,7 +42,7 @@ def _new_session(spec: Cluster) -> aiohttp.ClientSession:
         ttl_dns_cache=None,  # endpoints are IP literals or resolved by DnsResolver, never per request
         enable_cleanup_closed=False,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         # total=None: the gateway bounds attempts itself (route deadline); bodies may stream for a long time.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=spec.connect_timeout, connect=spec.connect_timeout),
@@ -50,6 +51,11 @@ def _new_session(spec: Cluster) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the client, never stored by the proxy
         raise_for_status=False,
     )
+    # aiohttp silently re-sends an idempotent request once after a reset on a reused connection. That hidden
+    # attempt escaped the route's retry policy, budget, metrics and `attempts` (even with attempts: 1); retries
+    # are the gateway's decision alone. No public switch exists in aiohttp 3.14 (pinned).
+    session._retry_connection = False
+    return session
 
 
 class ClusterRuntime:
@@ -67,6 +73,10 @@ class ClusterRuntime:
         self.budget = _budget(spec)
         self.outlier = OutlierDetector(spec.outlier_detection) if spec.outlier_detection else None
         self.panic = False  # fewer healthy endpoints than the panic threshold: health is ignored (Envoy)
+        # Ejections count against the panic threshold too, but end by the clock, not by an event: panic is
+        # recomputed by the first pick after the earliest ejection ends (bug fix: it used to follow health
+        # transitions only, so a panic decided while an endpoint was ejected outlived the ejection).
+        self._panic_until = math.inf
         self._resolver: DnsResolver | None = None
         self._health: HealthChecker | None = None
         self._health_session: aiohttp.ClientSession | None = None
@@ -78,6 +88,8 @@ class ClusterRuntime:
     def pick(self, hash_key: str | None, now: float, avoid: Endpoint | None) -> Endpoint | None:
         """An endpoint for one attempt. When nothing is usable, spread over all endpoints whose breaker admits
         (Envoy's panic mode at 0% healthy) rather than failing every request on stale health information."""
+        if now >= self._panic_until:  # an ejection ended since panic was last decided
+            self._update_panic(now)
         endpoint = self.balancer.pick(hash_key, now, avoid, panic=self.panic)
         if endpoint is None and not self.panic:
             endpoint = self.balancer.pick(hash_key, now, avoid, panic=True)
@@ -102,6 +114,7 @@ class ClusterRuntime:
                 until_in_s=round(endpoint.ejected_until - now, 3),
                 times_ejected=endpoint.times_ejected,
             )
+            self._update_panic(now)  # bug fix: one endpoint fewer may cross the panic threshold
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -135,11 +148,14 @@ class ClusterRuntime:
     def _on_health_change(self, _endpoint: Endpoint, _healthy: bool) -> None:
         self._update_panic()  # the checker itself logs the transition (health_check_transition)
 
-    def _update_panic(self) -> None:
+    def _update_panic(self, now: float | None = None) -> None:
         settings = self.spec.health_check
-        panic = settings is not None and panic_mode(
-            tuple(self.endpoints.values()), settings.panic_threshold, asyncio.get_running_loop().time()
-        )
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        endpoints = tuple(self.endpoints.values())
+        panic = settings is not None and panic_mode(endpoints, settings.panic_threshold, now)
+        # The next time this decision may change without a health or ejection event: the earliest ejection's end.
+        self._panic_until = min((e.ejected_until for e in endpoints if e.ejected_until > now), default=math.inf)
         if panic != self.panic:
             log.warning("panic_mode", upstream=self.name, panic=panic)
         self.panic = panic
