@@ -37,6 +37,7 @@ def run_demo(config: Path | None) -> int:
         print(f"{upstream_script}: demo upstream not found (run from a meshgate checkout)", file=sys.stderr)
         return 1
     processes: list[subprocess.Popen[bytes]] = []
+
     def stop(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the demo exactly like Ctrl-C
 

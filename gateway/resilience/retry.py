@@ -39,13 +39,15 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 # Slack for float error when comparing the balance to one whole retry (0.2 x 5 requests must buy a retry).
 _EPSILON = 1e-9
+_SLOTS = 10
 
 
 class RetryBudget:
-    """Linkerd's retry budget over a sliding window, in a ring of about one-second slots.
+    """Linkerd's retry budget over a sliding window, in a ring of ten slots (as tower's budget, which Linkerd uses).
 
-    The window is split into ``ceil(window)`` slots of ``window / slots`` seconds each (one second for an integer
-    window). A request or retry is counted in the slot of its time and forgotten once that slot is reused, so it
+    The window is split into 10 slots of ``window / 10`` seconds each: with fewer, a short window (one slot for
+    ``window: 1s``) forgot every request at once at each slot boundary and refused retries exactly then.
+    A request or retry is counted in the slot of its time and forgotten once that slot is reused, so it
     stays counted for between ``window - slot`` and ``window`` seconds. Running totals make every call O(1);
     moving to a later slot clears the skipped ones, at most ``slots`` of them however long the gap.
     """
@@ -57,7 +59,7 @@ class RetryBudget:
             raise ValueError("retry budget ratio and min_per_second must be >= 0")
         if not 0 < window < math.inf:
             raise ValueError(f"retry budget window must be a positive number of seconds, got {window}")
-        slots = max(1, math.ceil(window))
+        slots = _SLOTS
         self.ratio = ratio
         self.reserve = min_per_second * window  # retries allowed in any window with no traffic at all
         self._slot = window / slots  # seconds per slot

@@ -60,16 +60,14 @@ class Forward:
         assert route is not None  # the route stage ran
         name = route.split[0].cluster if len(route.split) == 1 else pick_cluster(route, self._rng.random())
         fallback = route.fallback
-        # Bug fix: one body for the route's cluster and its fallback cluster. Each used to wrap the client's stream
-        # in a RequestBody of its own, so after the first cluster had read the body the fallback cluster sent the
-        # original Content-Length with no bytes behind it (or a replay buffer of none) and waited forever.
-        body = _Body(RequestBody(ctx)) if ctx.request.body_exists else None
+        # One body for the route's cluster and its fallback cluster: the client's stream can be read only once.
+        body = RequestBody(ctx) if ctx.request.body_exists else None
         try:
             return await self._to_cluster(ctx, route, name, body, exhausted_is_error=fallback is not None)
         except GatewayError as error:
             if fallback is None or error.code not in _FALLBACK_CODES or ctx.status:
                 raise
-            if fallback.cluster is not None and body is not None and not body.request.resendable:
+            if fallback.cluster is not None and body is not None and not body.resendable:
                 raise  # the failed cluster consumed a body too large to keep: the fallback cluster cannot get it
             ctx.reason = error.code  # why the fallback answered, for the access log
             if fallback.response is not None:
@@ -82,7 +80,7 @@ class Forward:
             return await self._to_cluster(ctx, route, fallback.cluster, body, exhausted_is_error=False)
 
     async def _to_cluster(
-        self, ctx: RequestContext, route: Route, name: str, body: _Body | None, *, exhausted_is_error: bool
+        self, ctx: RequestContext, route: Route, name: str, body: RequestBody | None, *, exhausted_is_error: bool
     ) -> web.StreamResponse:
         ctx.cluster = name
         runtime = ctx.serving.clusters[name]
@@ -98,17 +96,20 @@ class Forward:
             runtime.admission.leave()
 
     async def _attempts(
-        self, ctx: RequestContext, route: Route, runtime: ClusterRuntime, shared: _Body | None, exhausted_is_error: bool
+        self,
+        ctx: RequestContext,
+        route: Route,
+        runtime: ClusterRuntime,
+        body: RequestBody | None,
+        exhausted_is_error: bool,
     ) -> web.StreamResponse:
         request = ctx.request
         policy = route.retry
         loop = asyncio.get_running_loop()
         method = request.method
         may_resend = policy.attempts > 1 and method_retryable(policy, method)
-        body = shared.request if shared is not None else None
-        if shared is not None and may_resend and not shared.buffered:
-            shared.buffered = True  # once: a second buffer_up_to would read the exhausted stream as an empty body
-            await shared.request.buffer_up_to(policy.max_replay_body)
+        if body is not None and may_resend:
+            await body.buffer_up_to(policy.max_replay_body)
         headers = self._headers(ctx)
         runtime.budget.record_request(loop.time())
         failed: Endpoint | None = None
@@ -253,16 +254,6 @@ class Forward:
 
     def _observe(self, method: str, upstream: str, status: str, error: str, elapsed: float) -> None:
         self._metrics.client_duration.labels(method, upstream, status, error).observe(elapsed)
-
-
-class _Body:
-    """The client's body for every attempt of one request, on the route's cluster and then its fallback cluster."""
-
-    __slots__ = ("buffered", "request")
-
-    def __init__(self, request: RequestBody) -> None:
-        self.request = request
-        self.buffered = False  # buffer_up_to was called (whatever it kept)
 
 
 def _failure_error(cluster: str, kind: str) -> GatewayError:

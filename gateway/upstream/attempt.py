@@ -49,7 +49,7 @@ def classify(exc: aiohttp.ClientError) -> FailureKind:
     if isinstance(exc, aiohttp.ClientConnectorError):
         # Connect errors wrap the OSError; "refused" is the one retry policies may single out.
         return "refused" if exc.os_error.errno == errno.ECONNREFUSED else "connect-failure"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientConnectionResetError):
         return "reset"
     if isinstance(exc, aiohttp.ServerTimeoutError):
         return "timeout"

@@ -23,7 +23,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class RequestBody:
-    __slots__ = ("_buffered", "_consumed", "_continued", "_ctx", "_limit", "_prefix")
+    __slots__ = ("_buffer_tried", "_buffered", "_consumed", "_continued", "_ctx", "_limit", "_prefix")
 
     def __init__(self, ctx: RequestContext) -> None:
         self._ctx = ctx
@@ -32,13 +32,20 @@ class RequestBody:
         self._prefix = b""  # bytes read while trying to buffer a body that turned out larger
         self._consumed = False  # a streamed body started flowing: it cannot be sent again
         self._continued = False
+        self._buffer_tried = False
 
     @property
     def resendable(self) -> bool:
         return self._buffered is not None or not self._consumed
 
     async def buffer_up_to(self, replay_limit: int) -> None:
-        """Keep the body for replay if it is at most ``replay_limit`` bytes; otherwise it will stream once."""
+        """Keep the body for replay if it is at most ``replay_limit`` bytes; otherwise it will stream once.
+
+        Only the first call reads: the same body serves a route's cluster and then its fallback cluster, and a
+        second read would find the stream exhausted and take it for an empty body."""
+        if self._buffer_tried:
+            return
+        self._buffer_tried = True
         request = self._ctx.request
         length = request.content_length
         if replay_limit <= 0 or (length is not None and length > replay_limit):

@@ -19,8 +19,8 @@ from gateway.app import build_pipeline
 from gateway.config.compile import compile_document
 from gateway.config.store import SnapshotStore
 from gateway.server import GatewayServer
-from gateway.stages.ratelimit import RateLimitStage
 from gateway.serving import Serving
+from gateway.stages.ratelimit import RateLimitStage
 from gateway.upstream.clusters import Upstreams
 from telemetry.access_log import AccessLog
 from telemetry.metrics import Metrics

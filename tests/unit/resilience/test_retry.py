@@ -90,10 +90,19 @@ def test_retries_expire_too_so_the_budget_refills() -> None:
 
 
 def test_a_request_counts_for_between_window_minus_one_slot_and_window() -> None:
-    budget = RetryBudget(1.0, 0.0, 3.0)  # three one-second slots
-    budget.record_request(0.9)
-    assert budget.remaining(2.999) == pytest.approx(1.0)
-    assert budget.remaining(3.0) == pytest.approx(0.0)  # 2.1 s after it was recorded
+    budget = RetryBudget(1.0, 0.0, 3.0)  # ten slots of 0.3 s
+    budget.record_request(0.9)  # the slot [0.9, 1.2)
+    assert budget.remaining(3.899) == pytest.approx(1.0)
+    assert budget.remaining(3.9) == pytest.approx(0.0)  # that slot is reused: 3.0 s after it was recorded
+
+
+def test_a_one_second_window_forgets_gradually_not_all_at_once() -> None:
+    budget = RetryBudget(1.0, 0.0, 1.0)
+    budget.record_request(0.05)
+    budget.record_request(0.55)
+    assert budget.remaining(0.99) == pytest.approx(2.0)
+    assert budget.remaining(1.0) == pytest.approx(1.0)  # the first is gone, the second still counts
+    assert budget.remaining(1.5) == pytest.approx(0.0)  # a one-slot ring forgot both at once at 1.0
 
 
 def test_a_long_gap_forgets_everything_in_bounded_work() -> None:
