@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +61,10 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
 
 
 @contextmanager
-def upstream(name: str = "a", port: int | None = None) -> Iterator[int]:
+def upstream(name: str = "a", port: int | None = None, *, extra_args: Sequence[str] = ()) -> Iterator[int]:
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", name],
+        [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", name, *extra_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -206,3 +206,15 @@ async def raw_http(port: int, request: bytes, seconds: float = 10.0) -> tuple[in
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def metric_sum(exposition: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples in a Prometheus text exposition whose labels include ``labels`` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import time
 import uuid
 from collections import Counter
@@ -22,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.procs import Gateway, gateway
+from tests.procs import Gateway, gateway, metric_sum
 from tests.redis_proc import redis_server
 
 pytestmark = pytest.mark.e2e
@@ -53,23 +52,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstream_a: int) -> Iterator[Ga
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
 
 async def metric(gw: Gateway, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples on /metrics whose labels include ``labels`` (0 when there is none)."""
     async with aiohttp.ClientSession() as session, session.get(f"{gw.admin_url}/metrics") as response:
-        text = await response.text()
-    total = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) != name:
-            continue
-        have = dict(_LABEL.findall(match.group(2) or ""))
-        if all(have.get(key) == value for key, value in labels.items()):
-            total += float(match.group(3))
-    return total
+        return metric_sum(await response.text(), name, **labels)
 
 
 async def statuses(

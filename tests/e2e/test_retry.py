@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +21,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from tests.procs import UPSTREAM_SCRIPT, Gateway, free_port, gateway, stop, wait_http
+from tests.procs import Gateway, gateway, metric_sum, upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -39,17 +36,8 @@ NO_BREAKER = {"consecutive_failures": 0}  # keep failing endpoints in rotation: 
 @pytest.fixture(scope="module")
 def slow_upstream() -> Iterator[int]:
     """An upstream instance named ``slow`` that answers everything but /healthz after SLOW_MS."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", "slow", "--delay-ms", str(SLOW_MS)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process=process)
+    with upstream("slow", extra_args=("--delay-ms", str(SLOW_MS))) as port:
         yield port
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -211,23 +199,9 @@ def access_lines(gw: Gateway, request_ids: list[str], timeout: float = 5.0) -> d
         time.sleep(0.1)
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
 async def metric(session: aiohttp.ClientSession, gw: Gateway, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples on /metrics whose labels include ``labels`` (0 when there is none)."""
     async with session.get(f"{gw.admin_url}/metrics") as response:
-        text = await response.text()
-    total = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) != name:
-            continue
-        have = dict(_LABEL.findall(match.group(2) or ""))
-        if all(have.get(key) == value for key, value in labels.items()):
-            total += float(match.group(3))
-    return total
+        return metric_sum(await response.text(), name, **labels)
 
 
 async def received(session: aiohttp.ClientSession, port: int, path: str) -> int:

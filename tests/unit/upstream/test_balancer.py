@@ -14,12 +14,11 @@ from gateway.upstream.balancer import (
     Balancer,
     LeastRequest,
     PeakEwma,
-    RingHash,
     RoundRobin,
     WeightedRoundRobin,
     build_balancer,
-    hash_key_64,
 )
+from gateway.upstream.ring_hash import RingHash, hash_key_64
 from gateway.upstream.state import Endpoint
 
 
