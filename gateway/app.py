@@ -65,6 +65,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     access_log = AccessLog()
     ratelimit = RateLimitStage(metrics)
     server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit), metrics)
+    # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
+    metrics.active_requests.set_function(lambda: server.in_flight)
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
 

@@ -41,6 +41,11 @@ class GatewayServer:
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now (``http_server_active_requests`` reads it at scrape time)."""
+        return self._in_flight
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         serving = self.serving
         assert serving is not None  # the listener starts only after the first config is serving

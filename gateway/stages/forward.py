@@ -90,7 +90,8 @@ class Forward:
         try:
             if is_websocket_upgrade(ctx.request):
                 endpoint = self._pick(ctx, runtime, None)
-                return await proxy_websocket(ctx, runtime.session, self._url(ctx, route, endpoint), self._headers(ctx))
+                url = self._url(ctx, rewrite_path(route, ctx.path), endpoint)
+                return await proxy_websocket(ctx, runtime.session, url, self._headers(ctx))
             return await self._attempts(ctx, route, runtime, body, exhausted_is_error)
         finally:
             runtime.admission.leave()
@@ -111,6 +112,7 @@ class Forward:
         if body is not None and may_resend:
             await body.buffer_up_to(policy.max_replay_body)
         headers = self._headers(ctx)
+        path = rewrite_path(route, ctx.path)  # once per request, not per attempt
         runtime.budget.record_request(loop.time())
         failed: Endpoint | None = None
         for attempt in range(policy.attempts):
@@ -129,7 +131,7 @@ class Forward:
                 outcome = await send(
                     runtime.session,
                     method,
-                    self._url(ctx, route, endpoint),
+                    self._url(ctx, path, endpoint),
                     headers,
                     data,
                     until=until,
@@ -229,13 +231,13 @@ class Forward:
         raise NoHealthyUpstream(f'cluster "{runtime.name}" has no available endpoint')
 
     @staticmethod
-    def _url(ctx: RequestContext, route: Route, endpoint: Endpoint) -> URL:
+    def _url(ctx: RequestContext, path: str, endpoint: Endpoint) -> URL:
         address = endpoint.address
         return URL.build(
             scheme="http",
             host=address.host,
             port=address.port,
-            path=rewrite_path(route, ctx.path),
+            path=path,
             query_string=ctx.query,
             encoded=True,
         )

@@ -35,8 +35,6 @@ class Observe:
         # aiohttp runs every request of a keep-alive connection in the same task: clear, then bind.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
-        metrics = self._metrics
-        metrics.active_requests.inc()
         try:
             response = await next(ctx)
             ctx.status = response.status
@@ -46,7 +44,6 @@ class Observe:
                 ctx.status = CLIENT_CLOSED
             raise
         finally:
-            metrics.active_requests.dec()
             self._record(ctx, time.perf_counter() - ctx.started)
 
     def _record(self, ctx: RequestContext, elapsed: float) -> None:

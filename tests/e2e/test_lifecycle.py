@@ -384,8 +384,10 @@ async def test_admin_endpoints(tmp_path: Path, upstream_a: int, upstream_b: int)
                 assert endpoint["ejected"] is False
                 assert endpoint["breaker"] == "closed"
             assert sorted(e["in_flight"] for e in endpoints) == [0, 1]
+            assert await metric(admin, gw, "http_server_active_requests") == 1
             assert await slow == 200
             assert await in_flight(admin, gw) == 0
+            assert await metric(admin, gw, "http_server_active_requests") == 0
 
             for _ in range(3):
                 await get_json(session, f"{gw.url}/api/items")
