@@ -2,7 +2,7 @@
 
 Pure: no I/O, no clock (reading the file and stamping ``version``/``source``/``loaded_at`` is the caller's job).
 Every section is decoded even after a problem is found, so the error lists everything wrong at once. This module
-owns the top level, ``limits``, ``telemetry`` and ``rate_limit_service``; ``routes.py`` and ``clusters.py`` own
+owns the top level, ``limits`` and ``rate_limit_service``; ``routes.py``, ``clusters.py`` and ``telemetry.py`` own
 their sections.
 """
 
@@ -20,7 +20,6 @@ from gateway.config.schema import (
     Fields,
     Problems,
     address,
-    boolean,
     choice,
     describe,
     duration,
@@ -28,7 +27,8 @@ from gateway.config.schema import (
     matching,
     size,
 )
-from gateway.config.snapshot import Address, Limits, LogSettings, RateLimitService, Route, Snapshot
+from gateway.config.snapshot import Address, Limits, RateLimitService, Route, Snapshot
+from gateway.config.telemetry import compile_telemetry
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"]
 
@@ -39,15 +39,10 @@ TOP_KEYS = ("service", "listen", "admin", "routes", "clusters", "limits", "telem
 # authn/authz above all must never be ignored: a gateway that drops its authn section serves everything fail-open.
 TOP_UNSUPPORTED = ("authn", "authz", "config_service", "tls", "mesh")
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
-TELEMETRY_KEYS = ("logs",)
-TELEMETRY_UNSUPPORTED = ("tracing", "metrics")
-LOG_KEYS = ("level", "access_log")
 RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
 EscapedSlashes = Literal["unescape", "reject", "keep"]
-LogLevel = Literal["debug", "info", "warning", "error"]
 ESCAPED_SLASHES: tuple[EscapedSlashes, ...] = ("unescape", "reject", "keep")
-LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 # The service name is service.name in telemetry and part of mesh identities: DNS-label-like.
 _SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
@@ -57,7 +52,6 @@ _service = matching(_SERVICE, "service name", _SERVICE_HINT)
 _PREFIX = re.compile(r"[A-Za-z0-9:_-]+")
 _prefix = matching(_PREFIX, "prefix", 'use letters, digits, ":", "_", "-"')
 _LIMITS = Limits()
-_LOGS = LogSettings()
 _RATE_LIMIT_SERVICE = RateLimitService(Address("127.0.0.1", 6379))
 
 
@@ -83,7 +77,7 @@ def compile_document(document: object) -> Snapshot:
     routes = _routes(fields, section.names if section is not None else None)
     problems.extend(cluster_problems)
     limits = _limits(fields)
-    logs = _logs(fields)
+    telemetry = compile_telemetry(fields)
     rate_limit_service = _rate_limit_service(fields)
     if service is None or section is None or problems.since(0):
         raise ConfigError(problems.items)
@@ -94,7 +88,9 @@ def compile_document(document: object) -> Snapshot:
         routes=tuple(routes),
         clusters=section.clusters,
         limits=limits,
-        logs=logs,
+        logs=telemetry.logs,
+        tracing=telemetry.tracing,
+        metrics=telemetry.metrics,
         rate_limit_service=rate_limit_service,
         hash=canonical_hash(document),
         document=redact(document),
@@ -159,21 +155,6 @@ def _max_body_size(fields: Fields) -> int | None:
     if fields.raw.get("max_body_size") is None:
         return None  # null is the documented "unlimited": a value here, not a type error
     return fields.optional("max_body_size", size(positive=False))
-
-
-def _logs(top: Fields) -> LogSettings:
-    if not top.has("telemetry"):
-        return _LOGS
-    telemetry = Fields.of(top.raw["telemetry"], "telemetry", top.problems, TELEMETRY_KEYS, TELEMETRY_UNSUPPORTED)
-    if telemetry is None or not telemetry.has("logs"):
-        return _LOGS
-    fields = Fields.of(telemetry.raw["logs"], "telemetry.logs", top.problems, LOG_KEYS)
-    if fields is None:
-        return _LOGS
-    return LogSettings(
-        level=fields.get("level", choice(LOG_LEVELS, "level"), _LOGS.level),
-        access_log=fields.get("access_log", boolean, _LOGS.access_log),
-    )
 
 
 def _rate_limit_service(top: Fields) -> RateLimitService | None:

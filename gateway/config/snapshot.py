@@ -12,6 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from telemetry.settings import MetricSettings, TracingSettings
+
+_METRICS = MetricSettings()  # frozen: one shared default
+LogLevel = Literal["debug", "info", "warning", "error"]
+
 __all__ = [
     "Address",
     "CircuitBreaker",
@@ -32,6 +37,7 @@ __all__ = [
     "HashOn",
     "HeaderMatch",
     "Limits",
+    "LogLevel",
     "LogSettings",
     "LbPolicy",
     "Rewrite",
@@ -267,7 +273,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = "info"
     access_log: bool = True
 
 
@@ -291,6 +297,8 @@ class Snapshot:
     clusters: Mapping[str, Cluster]
     limits: Limits = Limits()
     logs: LogSettings = LogSettings()
+    tracing: TracingSettings | None = None  # None: nothing exported, new traces not sampled
+    metrics: MetricSettings = _METRICS
     rate_limit_service: RateLimitService | None = None
     # Provenance, for /config and the reload log.
     version: int = 0

@@ -342,8 +342,58 @@ LIMITS = [
 
 TELEMETRY = [
     case({"telemetry": "on"}, 'telemetry: expected a mapping, got "on"'),
-    case({"telemetry.tracing": {}}, f"telemetry.tracing: {NS}"),
-    case({"telemetry.metrics": {}}, f"telemetry.metrics: {NS}"),
+    case({"telemetry.tracing": {}}, "telemetry.tracing.otlp_endpoint: required"),
+    case({"telemetry.tracing": "on"}, 'telemetry.tracing: expected a mapping, got "on"'),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "127.0.0.1:4318"}},
+        'telemetry.tracing.otlp_endpoint: expected an http:// or https:// URL like "http://127.0.0.1:4318", '
+        'got "127.0.0.1:4318"',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://127.0.0.1:99999"}},
+        'telemetry.tracing.otlp_endpoint: bad port in "http://127.0.0.1:99999"',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4317/v1/traces", "protocol": "grpc"}},
+        "telemetry.tracing.otlp_endpoint: a gRPC endpoint has no path (host and port only)",
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "protocol": "http/json"}},
+        'telemetry.tracing.protocol: unknown protocol "http/json" (one of http/protobuf, grpc)',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "sample_ratio": 1.5}},
+        "telemetry.tracing.sample_ratio: must be between 0.0 and 1.0",
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "max_traces_per_second": 0}},
+        "telemetry.tracing.max_traces_per_second: must be > 0.0",
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "propagators": ["b3"]}},
+        'telemetry.tracing.propagators: "tracecontext" is always on: list it with the others',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "propagators": ["tracecontext", "jaeger"]}},
+        'telemetry.tracing.propagators[1]: unknown propagator "jaeger" (one of tracecontext, baggage, b3, b3multi)',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "propagators": ["tracecontext", "tracecontext"]}},
+        'telemetry.tracing.propagators[1]: "tracecontext" is listed twice',
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "propagators": []}},
+        "telemetry.tracing.propagators: must not be empty",
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "batch": {"delay": "0s"}}},
+        "telemetry.tracing.batch.delay: must be > 0",
+    ),
+    case(
+        {"telemetry.tracing": {"otlp_endpoint": "http://c:4318", "sampling": 1}},
+        'telemetry.tracing.sampling: unknown key (did you mean "sample_ratio"?)',
+    ),
+    case({"telemetry.metrics": {"exemplars": "on"}}, 'telemetry.metrics.exemplars: expected true or false, got "on"'),
     case({"telemetry.log": {}}, 'telemetry.log: unknown key (did you mean "logs"?)'),
     case({"telemetry.logs": None}, "telemetry.logs: expected a mapping, got null"),
     case(
