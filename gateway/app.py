@@ -28,19 +28,28 @@ from gateway.stages.ratelimit import RateLimitStage
 from gateway.stages.rescue import Rescue
 from gateway.stages.route import RouteStage
 from gateway.upstream.clusters import Upstreams
+from gateway.workers import PeerSet
 from telemetry import logging as tlogging
 from telemetry.access_log import AccessLog
+from telemetry.export import span_processor
 from telemetry.metrics import Metrics
+from telemetry.tracing import Tracer
 
 __all__ = ["build_pipeline", "run_gateway"]
 
 log = structlog.get_logger("meshgate.gateway")
 
+# Seconds the exit waits for queued spans to be exported.
+_SPAN_FLUSH_TIMEOUT = 2.0
 
-def build_pipeline(metrics: Metrics, rng: random.Random, access_log: AccessLog, ratelimit: RateLimitStage) -> Handler:
+
+def build_pipeline(
+    metrics: Metrics, rng: random.Random, access_log: AccessLog, ratelimit: RateLimitStage, tracer: Tracer
+) -> Handler:
     stages: list[Stage] = [
-        # Outermost: sees every reply, local or proxied, and times the whole request including body streaming.
-        Observe(metrics, access_log),
+        # Outermost: sees every reply, local or proxied, and times the whole request including body streaming; the
+        # trace context is set here first, so every later stage's log lines and span events belong to the request.
+        Observe(metrics, access_log, tracer),
         # Inside observe so local replies are measured and logged; the only place errors become JSON replies.
         Rescue(metrics),
         # Normalizes the path before matching (and, later, before policy): nothing sees the raw path after this.
@@ -49,10 +58,10 @@ def build_pipeline(metrics: Metrics, rng: random.Random, access_log: AccessLog, 
         # engine.
         ratelimit,
     ]
-    return compose(stages, Forward(metrics, rng))
+    return compose(stages, Forward(metrics, rng, tracer))
 
 
-async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
+async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: PeerSet | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
     try:
         first = read_config(config_path)
@@ -64,7 +73,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     rng = random.Random()
     access_log = AccessLog()
     ratelimit = RateLimitStage(metrics)
-    server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit), metrics)
+    tracer = Tracer()
+    tracer.configure(first.tracing, first.service, span_processor)
+    server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit, tracer), metrics)
     # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
     metrics.active_requests.set_function(lambda: server.in_flight)
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
@@ -73,6 +84,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     def publish(serving: Serving) -> None:
         previous = server.serving
         server.serving = serving
+        # Sampling and propagation follow a reload at once; a new export target gets a new exporter.
+        tracer.configure(serving.snapshot.tracing, serving.snapshot.service, span_processor)
         if previous is not None and previous.snapshot.logs.level != serving.snapshot.logs.level:
             tlogging.configure(serving.snapshot.logs.level, serving.snapshot.service)
 
@@ -80,7 +93,10 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     source = FileSource(config_path, store)
     admin_state = AdminState()
     admin_runner = web.AppRunner(
-        build_admin_app(admin_state, lambda: server.serving, metrics), access_log=None, handle_signals=False
+        # peers (--workers only): /metrics answers for the whole group, see gateway/admin.py.
+        build_admin_app(admin_state, lambda: server.serving, metrics, peers),
+        access_log=None,
+        handle_signals=False,
     )
     await source.load_initial(first)
     snapshot = first
@@ -121,7 +137,6 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
         return 1
 
     source.start()
-    flusher = asyncio.create_task(_flush_every(access_log, 0.5))
     # Objects built at start-up live forever: move them out of the collector's way (cyclic GC showed up at 13% of
     # native time in the profiled proxy), and collect young objects less often.
     gc.collect()
@@ -139,14 +154,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False) -> int:
     await admin_runner.cleanup()
     await upstreams.close()
     await ratelimit.close()
-    flusher.cancel()
-    access_log.flush()
+    # Spans of the last requests are still queued: export them, bounded (a dead collector must not hold the exit).
+    await loop.run_in_executor(None, tracer.shutdown, _SPAN_FLUSH_TIMEOUT)
     log.info("stopped")
+    # Lines still queued for a slow stdout: written within a bound (a stdout nobody reads must not hold the exit).
+    tlogging.flush()
     return 0
-
-
-async def _flush_every(access_log: AccessLog, interval: float) -> None:
-    """Access-log lines are buffered (one write per batch, not per request); this bounds how stale they get."""
-    while True:
-        await asyncio.sleep(interval)
-        access_log.flush()

@@ -15,6 +15,8 @@ from gateway.errors import GatewayError
 if TYPE_CHECKING:
     from gateway.config.snapshot import Route
     from gateway.serving import Serving
+    from telemetry.propagation import Parent
+    from telemetry.tracing import Span
 
 __all__ = ["RequestContext"]
 
@@ -29,6 +31,7 @@ class RequestContext:
         "deadline",
         "endpoint",
         "fallback",
+        "parent",
         "path",
         "query",
         "reason",
@@ -37,8 +40,10 @@ class RequestContext:
         "route",
         "scheme",
         "serving",
+        "span",
         "started",
         "status",
+        "trace_id",
     )
 
     def __init__(self, request: BaseRequest, serving: Serving, started: float) -> None:
@@ -46,6 +51,11 @@ class RequestContext:
         self.serving = serving
         self.started = started  # time.perf_counter() at accept; loop.time() may tick in whole milliseconds
         self.request_id = ""
+        # Set by observe, first thing: the request's SERVER span (ids always; recorded only when sampled), the
+        # client's trace context it continues (None for a new trace), and the trace id as 32 hex digits.
+        self.span: Span
+        self.parent: Parent | None = None
+        self.trace_id = ""
         self.client_ip = ""
         self.client_port = 0
         self.scheme = "http"

@@ -4,6 +4,10 @@ Each worker is a full gateway (own event loop on uvloop, own pools, own config w
 connections across them. The supervisor forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) and exits 0 only when
 every worker drained cleanly. A worker that dies on its own takes the group down (exit 1): a sidecar's
 orchestrator restarts it whole, which is simpler to reason about than a half-sized gateway.
+
+Each worker has its own metrics registry, and a scrape of the shared admin port lands on any one of them. So the
+supervisor gives every worker a ``PeerSet``: a private directory where each worker also serves its own registry on a
+unix socket, from which the worker that answers the scrape adds up the others' (``gateway/admin.py``).
 """
 
 from __future__ import annotations
@@ -11,19 +15,39 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["STARTUP_SIGNALS", "run_worker", "run_workers"]
+__all__ = ["STARTUP_SIGNALS", "PeerSet", "run_worker", "run_workers"]
 
 # The signals the gateway handles on its event loop; blocked from process start until those handlers exist.
 STARTUP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def run_worker(config_path: str, reuse_port: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class PeerSet:
+    """One worker's place in its ``--workers`` group (plain data: it crosses the spawn boundary pickled)."""
+
+    directory: str  # private to the group (mode 0700), removed by the supervisor at exit
+    index: int  # this worker's, 0 <= index < count
+    count: int
+
+    def socket_path(self, index: int) -> str:
+        """Where worker ``index`` serves its own metrics registry."""
+        return os.path.join(self.directory, f"worker-{index}.sock")
+
+    @property
+    def others(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.count) if i != self.index)
+
+
+def run_worker(config_path: str, reuse_port: bool, peers: PeerSet | None = None) -> None:
     """Process entry point: run one gateway on uvloop and exit with its code."""
     # Until run_gateway's event loop handles them (it unblocks them then), SIGTERM, SIGINT and SIGHUP wait instead
     # of killing a process that is still importing: a SIGHUP (or a SIGTERM) forwarded to a worker still starting
@@ -39,14 +63,25 @@ def run_worker(config_path: str, reuse_port: bool) -> None:
     if reuse_port:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    sys.exit(asyncio.run(run_gateway(Path(config_path), reuse_port=reuse_port)))
+    sys.exit(asyncio.run(run_gateway(Path(config_path), reuse_port=reuse_port, peers=peers)))
 
 
 def run_workers(config_path: Path, count: int) -> int:
+    """Run ``count`` workers until they all exit; 0 only when every one drained cleanly."""
+    # mkdtemp makes it 0700: only this user's processes can read the workers' metrics sockets. It is the group's
+    # own, so a socket path left by an earlier (killed) group can never be in the way.
+    directory = tempfile.mkdtemp(prefix="meshgate-")
+    try:
+        return _supervise(config_path, [PeerSet(directory, i, count) for i in range(count)])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervise(config_path: Path, peer_sets: list[PeerSet]) -> int:
     context = multiprocessing.get_context("spawn")  # no fork: never copy a running event loop
     workers = [
-        context.Process(target=run_worker, args=(str(config_path), True), name=f"meshgate-worker-{i}")
-        for i in range(count)
+        context.Process(target=run_worker, args=(str(config_path), True, peers), name=f"meshgate-worker-{peers.index}")
+        for peers in peer_sets
     ]
     stopping = False
 

@@ -15,10 +15,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["DURATION_BUCKETS", "Labelled", "Metrics", "StateRow"]
+__all__ = ["AUTHZ_BUCKETS", "DURATION_BUCKETS", "Labelled", "Metrics", "StateRow"]
 
 # OpenTelemetry semantic-convention bucket advice for http.*.request.duration, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+# A policy decision takes microseconds in-process and milliseconds over the network: finer at the low end.
+AUTHZ_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # (label values, value) for one sample of a scrape-time gauge.
 StateRow = tuple[Sequence[str], float]
@@ -116,6 +119,39 @@ class Metrics:
                 ["http_route"],
                 registry=r,
             )
+        )
+        # Policy (authn/authz). Declared with the rest so dashboards and alerts can be written against the full
+        # set; they get samples once a gateway has authn/authz configured.
+        self.authz_decisions = Labelled(
+            Counter(
+                "meshgate_authz_decisions_total",
+                "Authorization decisions by outcome and decision-cache use.",
+                ["http_route", "decision", "cache"],
+                registry=r,
+            )
+        )
+        self.authz_duration = Labelled(
+            Histogram(
+                "meshgate_authz_duration_seconds",
+                "Time to reach an authorization decision (cache, embedded Rego or the OPA server).",
+                ["engine"],
+                buckets=AUTHZ_BUCKETS,
+                registry=r,
+            )
+        )
+        self.authn_failures = Labelled(
+            Counter(
+                "meshgate_authn_failures_total",
+                "Requests refused by authentication, by reason.",
+                ["reason"],
+                registry=r,
+            )
+        )
+        # Telemetry about telemetry: what a slow stdout cost.
+        self.log_lines_dropped = Counter(
+            "meshgate_log_lines_dropped_total",
+            "Log lines dropped because stdout did not keep up (the request went on; its line did not).",
+            registry=r,
         )
         self.fallbacks = Labelled(
             Counter(

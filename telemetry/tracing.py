@@ -148,11 +148,25 @@ class Tracer:
         if previous is not None:
             threading.Thread(target=previous.shutdown, name="meshgate-span-processor-shutdown", daemon=True).start()
 
-    def shutdown(self) -> None:
-        """Flush what is queued (bounded by the exporter's timeout) and stop the export thread."""
-        if self._processor is not None:
-            self._processor.shutdown()
-            self._processor = None
+    def shutdown(self, timeout: float) -> None:
+        """Export what is queued, waiting at most ``timeout`` seconds, then stop exporting.
+
+        Blocking (up to ``timeout``): call it off the event loop.
+        """
+        processor, self._processor = self._processor, None
+        if processor is None:
+            return
+
+        # The SDK's force_flush ignores its timeout (opentelemetry-python #4568): behind an export stuck on a dead
+        # collector it waits out the export timeout, then exports the rest itself. So flush and shut down in a
+        # daemon thread and wait for it only ``timeout`` seconds; what is still stuck then ends with the process.
+        def flush_then_shutdown() -> None:
+            processor.force_flush(int(timeout * 1000))
+            processor.shutdown()
+
+        worker = threading.Thread(target=flush_then_shutdown, name="meshgate-span-flush", daemon=True)
+        worker.start()
+        worker.join(timeout)
 
     # --- per request ---------------------------------------------------------------------------------------------
 

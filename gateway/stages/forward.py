@@ -39,6 +39,8 @@ from gateway.upstream.relay import relay, static_response
 from gateway.upstream.state import Endpoint
 from gateway.upstream.websocket import is_websocket_upgrade, proxy_websocket
 from telemetry.metrics import Metrics
+from telemetry.propagation import B3_MULTI
+from telemetry.tracing import Attributes, Span, Tracer
 
 __all__ = ["Forward"]
 
@@ -51,9 +53,10 @@ _FALLBACK_CODES = frozenset({"no_healthy_upstream", "circuit_open", "upstream_un
 
 
 class Forward:
-    def __init__(self, metrics: Metrics, rng: random.Random) -> None:
+    def __init__(self, metrics: Metrics, rng: random.Random, tracer: Tracer) -> None:
         self._metrics = metrics
         self._rng = rng
+        self._tracer = tracer
 
     async def __call__(self, ctx: RequestContext) -> web.StreamResponse:
         route = ctx.route
@@ -70,6 +73,7 @@ class Forward:
             if fallback.cluster is not None and body is not None and not body.resendable:
                 raise  # the failed cluster consumed a body too large to keep: the fallback cluster cannot get it
             ctx.reason = error.code  # why the fallback answered, for the access log
+            ctx.span.event("fallback", {"meshgate.fallback.reason": error.code})
             if fallback.response is not None:
                 self._metrics.fallbacks.labels(route.name, "response").inc()
                 ctx.fallback = "response"
@@ -122,6 +126,10 @@ class Forward:
             endpoint.start()
             ctx.attempts += 1
             ctx.endpoint = endpoint.key
+            # Each attempt is its own CLIENT span; the upstream continues the trace as its child.
+            client = self._tracer.start_client(ctx.span)
+            for name, value in self._tracer.context_headers(client, ctx.parent).items():
+                headers[name] = value
             until = ctx.deadline
             if policy.per_try_timeout is not None:
                 per_try = now + policy.per_try_timeout
@@ -140,13 +148,17 @@ class Forward:
             except BaseException:  # cancelled: the client went away
                 endpoint.abandon()
                 endpoint.breaker.on_abandon(loop.time())
+                if client.recording:
+                    self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, "cancelled", ())
                 raise
             elapsed = loop.time() - now
             last = attempt + 1 >= policy.attempts
             if isinstance(outcome, str):  # a failure kind
                 endpoint.abandon()  # not finish(): a fast failure must not make a broken endpoint look fast
-                runtime.record(endpoint, True, loop.time())
-                self._observe(method, runtime.name, "", outcome, elapsed)
+                changed = runtime.record(endpoint, True, loop.time())
+                self._observe(method, runtime.name, "", outcome, elapsed, client)
+                if client.recording:
+                    self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, outcome, changed)
                 if ctx.body_error is not None:
                     raise ctx.body_error
                 error = _failure_error(runtime.name, outcome)
@@ -157,14 +169,17 @@ class Forward:
                     or not retryable_failure(policy, outcome)
                     or not resend_ok
                     or (body is not None and not body.resendable)
-                    or not await self._backoff(ctx, route, runtime, attempt, None)
+                    or not await self._backoff(ctx, route, runtime, attempt, None, outcome)
                 ):
                     raise error
                 failed = endpoint
                 continue
             status = outcome.status
-            runtime.record(endpoint, status >= 500, loop.time())
-            self._observe(method, runtime.name, str(status), "", elapsed)
+            changed = runtime.record(endpoint, status >= 500, loop.time())
+            self._observe(method, runtime.name, str(status), "", elapsed, client)
+            if client.recording:
+                error_type = str(status) if status >= 400 else ""
+                self._end_client(client, method, runtime.name, endpoint, path, attempt, status, error_type, changed)
             if retryable_status(policy, status):  # the route counts this answer as a failed attempt
                 try:
                     retry = (
@@ -177,6 +192,7 @@ class Forward:
                             runtime,
                             attempt,
                             retry_after_delay(outcome.headers.get("Retry-After"), time.time()),
+                            str(status),
                         )
                     )
                 except BaseException:
@@ -201,9 +217,18 @@ class Forward:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _backoff(
-        self, ctx: RequestContext, route: Route, runtime: ClusterRuntime, attempt: int, retry_after: float | None
+        self,
+        ctx: RequestContext,
+        route: Route,
+        runtime: ClusterRuntime,
+        attempt: int,
+        retry_after: float | None,
+        reason: str,
     ) -> bool:
-        """Wait before the next attempt if the budget and the deadline allow one; False = do not retry."""
+        """Wait before the next attempt if the budget and the deadline allow one; False = do not retry.
+
+        ``reason`` is what failed (a failure kind or a status code), for the trace's ``retry`` event.
+        """
         loop = asyncio.get_running_loop()
         policy = route.retry
         if retry_after is not None:
@@ -216,8 +241,17 @@ class Forward:
             return False  # an upstream's Retry-After or our backoff would pass the deadline
         if not runtime.budget.try_withdraw(loop.time()):
             self._metrics.retry_budget_exhausted.labels(runtime.name).inc()
+            ctx.span.event("retry.budget_exhausted", {"meshgate.retry.reason": reason})
             return False
         self._metrics.retries.labels(runtime.name).inc()
+        ctx.span.event(
+            "retry",
+            {
+                "http.request.resend_count": attempt + 1,
+                "meshgate.retry.reason": reason,
+                "meshgate.retry.backoff_ms": round(delay * 1000, 3),
+            },
+        )
         await asyncio.sleep(delay)
         return True
 
@@ -242,20 +276,62 @@ class Forward:
             encoded=True,
         )
 
-    @staticmethod
-    def _headers(ctx: RequestContext) -> CIMultiDict[str]:
+    def _headers(self, ctx: RequestContext) -> CIMultiDict[str]:
         route = ctx.route
         assert route is not None
-        return upstream_request_headers(
+        headers = upstream_request_headers(
             ctx.request.headers,
             client_ip=ctx.client_ip,
             scheme=ctx.scheme,
             request_id=ctx.request_id,
             host_override=route.rewrite.host if route.rewrite is not None else None,
         )
+        if "b3" in self._tracer.propagators or "b3multi" in self._tracer.propagators:
+            # With B3 on, the client's B3 headers are replaced by ours, parent and flags included: a stale
+            # X-B3-ParentSpanId next to our X-B3-SpanId would describe a different tree.
+            for name in ("b3", *B3_MULTI):
+                headers.popall(name, None)
+        return headers
 
-    def _observe(self, method: str, upstream: str, status: str, error: str, elapsed: float) -> None:
-        self._metrics.client_duration.labels(method, upstream, status, error).observe(elapsed)
+    def _observe(self, method: str, upstream: str, status: str, error: str, elapsed: float, client: Span) -> None:
+        histogram = self._metrics.client_duration.labels(method, upstream, status, error)
+        if client.recording:
+            histogram.observe(elapsed, {"trace_id": f"{client.trace_id:032x}", "span_id": client.span_hex})
+        else:
+            histogram.observe(elapsed)
+
+    def _end_client(
+        self,
+        span: Span,
+        method: str,
+        upstream: str,
+        endpoint: Endpoint,
+        path: str,
+        attempt: int,
+        status: int,
+        error_type: str,
+        changed: tuple[str, ...],
+    ) -> None:
+        """End one attempt's CLIENT span, at the response headers (or the failure), like the client histogram."""
+        address = endpoint.address
+        attributes: Attributes = {
+            "http.request.method": method,
+            "server.address": address.host,
+            "server.port": address.port,
+            # Without the query string: it can carry tokens, and the convention asks for them to be redacted.
+            "url.full": f"http://{endpoint.key}{path}",
+            "meshgate.upstream": upstream,
+        }
+        if status:
+            attributes["http.response.status_code"] = status
+        if attempt:
+            attributes["http.request.resend_count"] = attempt
+        if error_type:
+            attributes["error.type"] = error_type
+            span.error = True  # a CLIENT span: any failure, 4xx included, is an error by the convention
+        for event in changed:
+            span.event(event, {"meshgate.endpoint": endpoint.key})
+        self._tracer.end(span, method, attributes)
 
 
 def _failure_error(cluster: str, kind: str) -> GatewayError:

@@ -53,6 +53,7 @@ class RateLimitStage:
             wait = self._table(route.name, limit).take(key, asyncio.get_running_loop().time())
         if wait > 0:
             self._metrics.ratelimit_rejections.labels(route.name).inc()
+            ctx.span.event("ratelimit.rejected", {"meshgate.ratelimit.key": limit.key, "meshgate.retry_after_s": wait})
             raise RateLimited(
                 f'rate limit of route "{route.name}" exceeded ({limit.rps:g} requests/s, burst {limit.burst})',
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},

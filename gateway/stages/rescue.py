@@ -59,7 +59,7 @@ class Rescue:
         ctx.reason = error.code
         route = ctx.route.name if ctx.route is not None else "unmatched"
         self._replies.labels(route, error.code).inc()
-        response = local_reply(error, ctx.request_id)
+        response = local_reply(error, ctx.request_id, ctx.trace_id or None)
         request = ctx.request
         if request.body_exists and not request.content.at_eof():
             # An unread body (413, or a refusal before 100-continue) would otherwise be read and thrown away

@@ -99,13 +99,21 @@ class ClusterRuntime:
         """True when endpoints exist but every breaker refuses (503 circuit_open rather than no_healthy_upstream)."""
         return bool(self.endpoints) and not any(e.breaker.admits(now) for e in self.endpoints.values())
 
-    def record(self, endpoint: Endpoint, failed: bool, now: float) -> None:
-        """Feed one attempt's outcome to the endpoint's breaker and to outlier detection."""
+    def record(self, endpoint: Endpoint, failed: bool, now: float) -> tuple[str, ...]:
+        """Feed one attempt's outcome to the endpoint's breaker and to outlier detection.
+
+        Returns what it changed (``breaker.tripped``, ``outlier.ejected``), for the attempt's span events.
+        """
+        changed: tuple[str, ...] = ()
         if failed:
+            trips = endpoint.breaker.trips
             endpoint.breaker.record_failure(now, self._rng)
+            if endpoint.breaker.trips != trips:
+                changed = ("breaker.tripped",)
         else:
             endpoint.breaker.record_success(now)
         if self.outlier is not None and self.outlier.record(endpoint, failed, now, self.endpoints.values()):
+            changed += ("outlier.ejected",)
             self._metrics.outlier_ejections.labels(self.name).inc()
             log.warning(
                 "endpoint_ejected",
@@ -115,6 +123,7 @@ class ClusterRuntime:
                 times_ejected=endpoint.times_ejected,
             )
             self._update_panic(now)  # bug fix: one endpoint fewer may cross the panic threshold
+        return changed
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from gateway.stages.ratelimit import RateLimitStage
 from gateway.upstream.clusters import Upstreams
 from telemetry.access_log import AccessLog
 from telemetry.metrics import Metrics
+from telemetry.tracing import Tracer
 from tests.procs import free_port
 
 
@@ -74,7 +75,7 @@ async def stack() -> AsyncIterator[Stack]:
     await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
     metrics = Metrics()
     rng = random.Random(1)
-    server = GatewayServer(build_pipeline(metrics, rng, AccessLog(), RateLimitStage(metrics)), metrics)
+    server = GatewayServer(build_pipeline(metrics, rng, AccessLog(), RateLimitStage(metrics), Tracer()), metrics)
     upstreams = Upstreams(rng, grace=0.5, metrics=metrics)
 
     def publish(serving: Serving) -> None:

@@ -28,6 +28,7 @@ from gateway.config.snapshot import (
     Snapshot,
     WeightedCluster,
 )
+from telemetry.settings import MetricSettings, TracingSettings
 
 from .sample import BASE, DELETE, edited
 
@@ -260,6 +261,49 @@ def test_limits(edits: dict[str, object], expected: Limits) -> None:
 )
 def test_logs(edits: dict[str, object], expected: LogSettings) -> None:
     assert compile_document(edited(edits)).logs == expected
+
+
+@pytest.mark.parametrize(
+    ("tracing", "expected"),
+    [
+        # A base URL gets the OTLP/HTTP traces path, as OTEL_EXPORTER_OTLP_ENDPOINT does.
+        ({"otlp_endpoint": "http://jaeger:4318"}, TracingSettings("http://jaeger:4318/v1/traces")),
+        ({"otlp_endpoint": "http://jaeger:4318/"}, TracingSettings("http://jaeger:4318/v1/traces")),
+        ({"otlp_endpoint": "https://c.example/v1/traces"}, TracingSettings("https://c.example/v1/traces")),
+        (
+            {"otlp_endpoint": "http://jaeger:4317", "protocol": "grpc"},
+            TracingSettings("http://jaeger:4317", protocol="grpc"),
+        ),
+        (
+            {
+                "otlp_endpoint": "http://c:4318",
+                "sample_ratio": 0.1,
+                "max_traces_per_second": 50,
+                "propagators": ["tracecontext", "b3multi"],
+                "batch": {"max_queue": 100, "delay": "50ms", "export_timeout": "2s"},
+            },
+            TracingSettings(
+                "http://c:4318/v1/traces",
+                sample_ratio=0.1,
+                max_traces_per_second=50.0,
+                propagators=("tracecontext", "b3multi"),
+                max_queue=100,
+                batch_delay=0.05,
+                export_timeout=2.0,
+            ),
+        ),
+        ({"otlp_endpoint": "http://c:4318", "max_traces_per_second": None}, TracingSettings("http://c:4318/v1/traces")),
+    ],
+)
+def test_tracing(tracing: dict[str, object], expected: TracingSettings) -> None:
+    assert compile_document(edited({"telemetry.tracing": tracing})).tracing == expected
+
+
+def test_tracing_and_metrics_defaults() -> None:
+    snapshot = compile_document(edited({}))
+    assert snapshot.tracing is None
+    assert snapshot.metrics == MetricSettings(exemplars=True)
+    assert compile_document(edited({"telemetry.metrics.exemplars": False})).metrics == MetricSettings(False)
 
 
 @pytest.mark.parametrize(
