@@ -32,6 +32,7 @@ from gateway.workers import PeerSet
 from telemetry import logging as tlogging
 from telemetry.access_log import AccessLog
 from telemetry.export import span_processor
+from telemetry.log_writer import default_writer
 from telemetry.metrics import Metrics
 from telemetry.tracing import Tracer
 
@@ -80,6 +81,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     metrics.active_requests.set_function(lambda: server.in_flight)
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
+    metrics.log_drops(lambda: default_writer().dropped)
 
     def publish(serving: Serving) -> None:
         previous = server.serving

@@ -87,7 +87,7 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^/\s:@?#]*:)[^@/\s?#]*@")
 _HEADER_LINE = re.compile(r"(?i)\b((?:proxy-)?authorization|(?:set-)?cookie)(['\"]?\s*[:=]\s*)[^\r\n]+")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_NATIVE = (bool, int, float, type(None))
+_NATIVE = (bool, int, float, type(None))  # as a tuple: for both isinstance and "type in"
 
 _writer: LogWriter | None = None
 
@@ -99,8 +99,15 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
     (a headers dict, say) are copied, never modified.
     """
     for key, value in event.items():
-        # Replacing values of existing keys while iterating is safe: the dict's size does not change.
-        event[key] = _redact_value(key, value, 0)
+        # Replacing values of existing keys while iterating is safe: the dict's size does not change. The common
+        # cases (a plain key with a str or number value) are inlined: this runs for every field of every line.
+        kind = _key_kinds.get(key) or _key_kind(key)
+        if kind is _SECRET:
+            event[key] = REDACTED
+        elif type(value) is str:
+            event[key] = redact_text(value, url=kind is _URL)
+        elif type(value) not in _NATIVE:
+            event[key] = _redact_value(key, value, 0)
     return event
 
 
@@ -109,25 +116,33 @@ def redact_text(text: str, *, url: bool = False) -> str:
 
     ``url=True`` treats ``text`` as a URL, path or query string even without a ``?`` (a bare ``a=1&token=x``).
     """
-    if url or "?" in text or "#" in text:
+    # Substring tests first: most values (ids, names, addresses) contain none of the markers, and a regex scan
+    # of every string value made redaction the larger part of a line's cost.
+    lowered = text.lower()
+    if "=" in text and (url or "?" in text or "#" in text):
         text = _QUERY_SECRET.sub(_mask_param, text)
-    if "://" in text:
+    if "://" in text and "@" in text:
         text = _USERINFO.sub(_mask_userinfo, text)
-    text = _BEARER.sub(_mask_bearer, text)
-    if ":" in text or "=" in text:
+    if "bearer" in lowered:
+        text = _BEARER.sub(_mask_bearer, text)
+    if "authorization" in lowered or "cookie" in lowered:
         text = _HEADER_LINE.sub(_mask_header, text)
     return text
 
 
 def _redact_value(key: str, value: Any, depth: int) -> Any:
-    lowered = key.lower()
-    if _is_secret_key(lowered):
+    kind = _key_kind(key)
+    if kind is _SECRET:
         return REDACTED
-    if isinstance(value, str):
-        return redact_text(value, url=_is_url_key(lowered))
-    if isinstance(value, _NATIVE):
+    # Exact-type checks first: nearly every value is a plain str or number, and ABC isinstance checks are slow.
+    cls = type(value)
+    if cls is str:
+        return redact_text(value, url=kind is _URL)
+    if cls in _NATIVE:
         return value
-    if isinstance(value, Mapping):
+    if isinstance(value, str):
+        return redact_text(value, url=kind is _URL)
+    if isinstance(value, dict | Mapping):
         if depth >= MAX_DEPTH:
             return TRUNCATED
         return {k: _redact_value(str(k), v, depth + 1) for k, v in value.items()}
@@ -136,20 +151,36 @@ def _redact_value(key: str, value: Any, depth: int) -> Any:
             return TRUNCATED
         items = list(value)
         # A (name, value) pair, as in a list of header tuples: a secret name hides the value, as a key would.
-        if len(items) == 2 and isinstance(items[0], str) and _is_secret_key(items[0].lower()):
+        if len(items) == 2 and isinstance(items[0], str) and _key_kind(items[0]) is _SECRET:
             return [items[0], REDACTED]
         # Items are judged under the container's key: a list under "location" holds URLs.
         return [_redact_value(key, item, depth + 1) for item in items]
+    if isinstance(value, _NATIVE):  # bool/int/float subclasses (enums): the renderer writes them as numbers
+        return value
     # What the JSON renderer would do with it (str()), checked like any other string: a yarl.URL keeps its query.
-    return redact_text(str(value), url=_is_url_key(lowered))
+    return redact_text(str(value), url=kind is _URL)
 
 
-def _is_secret_key(lowered: str) -> bool:
-    return lowered in SECRET_KEYS or lowered.endswith(SECRET_SUFFIXES)
+_PLAIN, _SECRET, _URL = "plain", "secret", "url"
+# Key -> kind. Event keys come from code (a small set), but nested keys may come from requests (header names), so
+# the cache stops growing at a bound and later keys are classified each time.
+_key_kinds: dict[str, str] = {}
+_KEY_CACHE_SIZE = 4096
 
 
-def _is_url_key(lowered: str) -> bool:
-    return lowered in URL_KEYS or lowered.endswith(("_url", "_uri", "-url", "-uri"))
+def _key_kind(key: str) -> str:
+    kind = _key_kinds.get(key)
+    if kind is None:
+        lowered = key.lower()
+        if lowered in SECRET_KEYS or lowered.endswith(SECRET_SUFFIXES):
+            kind = _SECRET
+        elif lowered in URL_KEYS or lowered.endswith(("_url", "_uri", "-url", "-uri")):
+            kind = _URL
+        else:
+            kind = _PLAIN
+        if len(_key_kinds) < _KEY_CACHE_SIZE:
+            _key_kinds[key] = kind
+    return kind
 
 
 def _mask_param(match: re.Match[str]) -> str:

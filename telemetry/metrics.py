@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["AUTHZ_BUCKETS", "DURATION_BUCKETS", "Labelled", "Metrics", "StateRow"]
@@ -147,18 +147,22 @@ class Metrics:
                 registry=r,
             )
         )
-        # Telemetry about telemetry: what a slow stdout cost.
-        self.log_lines_dropped = Counter(
-            "meshgate_log_lines_dropped_total",
-            "Log lines dropped because stdout did not keep up (the request went on; its line did not).",
-            registry=r,
-        )
         self.fallbacks = Labelled(
             Counter(
                 "meshgate_fallbacks_total",
                 "Requests answered by a route's fallback (cluster or static response).",
                 ["http_route", "kind"],
                 registry=r,
+            )
+        )
+
+    def log_drops(self, dropped: Callable[[], int]) -> None:
+        """Register ``meshgate_log_lines_dropped_total``, read at scrape time from the log writer's own count."""
+        self.registry.register(
+            _ScrapeCounter(
+                "meshgate_log_lines_dropped",
+                "Log lines dropped because stdout did not keep up (the request went on; its line did not).",
+                dropped,
             )
         )
 
@@ -186,6 +190,21 @@ class Metrics:
                 )
             )
         )
+
+
+class _ScrapeCounter(Collector):
+    """A counter whose value lives elsewhere (prometheus-client counters cannot read a function, gauges can)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation)
 
 
 class _StateGauges(Collector):

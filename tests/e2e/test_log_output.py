@@ -8,12 +8,14 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import termios
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.procs import ROOT, free_port, raw_http, stop, wait_http
+from tests.procs import ROOT, free_port, metric_sum, raw_http, stop, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +39,7 @@ class PipedGateway:
     """`meshgate run` whose stdout is a pipe the test reads only when it chooses to (``resume``)."""
 
     process: subprocess.Popen[bytes]
+    config_path: Path
     listen: int
     admin: int
     stderr_path: Path
@@ -86,7 +89,7 @@ def piped_gateway(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | 
             cwd=ROOT,
             env={**os.environ, **(env or {})},
         )
-    gw = PipedGateway(process, listen, admin, stderr_path)
+    gw = PipedGateway(process, config_path, listen, admin, stderr_path)
     try:
         wait_http(f"http://127.0.0.1:{admin}/readyz", process=process)
         yield gw
@@ -144,6 +147,8 @@ async def test_a_stdout_nobody_reads_never_stalls_requests(
         stuck = gw.unread_bytes()
         await asyncio.sleep(0.3)  # a round of the writer's thread: nothing more fits
         assert gw.unread_bytes() == stuck
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin}/metrics", timeout=5) as response:
+            dropped_metric = metric_sum(response.read().decode(), "meshgate_log_lines_dropped_total")
         gw.resume()
         code, stdout, stderr = await asyncio.to_thread(gw.stop)
 
@@ -158,6 +163,8 @@ async def test_a_stdout_nobody_reads_never_stalls_requests(
     drops = [r for r in records if r["event"] == "log_lines_dropped"]
     assert {r["request_id"] for r in access} <= set(ids)
     assert len(access) + sum(r["count"] for r in drops) == REQUESTS  # written, or counted in a drop line
+    # Nothing is dropped once stdout moves again, so the scrape taken while it was stuck saw the whole count.
+    assert dropped_metric == sum(r["count"] for r in drops)
     if expect_drops:
         assert drops
         assert all(r["service"] == "shop" and r["level"] == "warning" for r in drops)
@@ -233,3 +240,35 @@ def test_secrets_reach_neither_stdout_nor_stderr(tmp_path: Path, upstream_a: int
     assert len([e for e in events if e == "request"]) == 4
     assert SECRET not in stdout
     assert SECRET not in stderr
+
+
+def test_a_reload_that_changes_the_level_keeps_logging(tmp_path: Path, upstream_a: int) -> None:
+    config: dict[str, Any] = {
+        "service": "shop",
+        "telemetry": {"logs": {"level": "warning"}},
+        "routes": [{"name": "all", "match": {"path_prefix": "/"}, "cluster": "c"}],
+        "clusters": [{"name": "c", "endpoints": [f"127.0.0.1:{upstream_a}"]}],
+    }
+    with piped_gateway(tmp_path, config) as gw:
+        gw.resume()
+        with urllib.request.urlopen(f"{gw.url}/anything/before") as response:
+            assert response.status == 200
+        reloaded = {**config, "telemetry": {"logs": {"level": "info"}}}
+        listen_admin = {"listen": f"127.0.0.1:{gw.listen}", "admin": f"127.0.0.1:{gw.admin}"}
+        gw.config_path.write_text(yaml.safe_dump({**reloaded, **listen_admin}, sort_keys=False))
+        gw.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin}/readyz") as response:
+                if json.loads(response.read())["version"] == 2 or time.monotonic() > deadline:
+                    break
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"{gw.url}/anything/after") as response:
+            assert response.status == 200
+        code, stdout, stderr = gw.stop()
+    assert (code, stderr) == (0, "")
+    events = [(r["event"], r.get("path")) for r in parse(stdout)]
+    assert ("gateway_started", None) not in events  # logged at info while the level was warning
+    assert ("request", "/anything/before") in events  # the access log does not depend on the level
+    assert ("request", "/anything/after") in events
+    assert events[-1] == ("stopped", None)  # info lines show after the reload, through the same writer

@@ -104,8 +104,8 @@ def test_a_stuck_reader_never_blocks_the_caller_and_drops_are_announced_once_it_
             writer.write(line(i))
             slowest = max(slowest, time.perf_counter() - before)
         elapsed = time.perf_counter() - started
-        assert slowest < 0.05, slowest  # an append, never a wait for the pipe
-        assert elapsed < 1.0, elapsed
+        assert slowest < 0.2, slowest  # an append, never a wait for the pipe (which would be forever)
+        assert elapsed < 2.0, elapsed
         dropped = writer.dropped
         assert 0 < dropped < count
         assert writer.queued_bytes <= 16 * 1024  # the bound holds, in-flight batch included
