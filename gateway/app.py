@@ -31,7 +31,7 @@ from gateway.upstream.clusters import Upstreams
 from gateway.workers import PeerSet
 from telemetry import logging as tlogging
 from telemetry.access_log import AccessLog
-from telemetry.export import span_processor
+from telemetry.export import span_batcher
 from telemetry.log_writer import default_writer
 from telemetry.metrics import Metrics
 from telemetry.tracing import Tracer
@@ -75,19 +75,20 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     access_log = AccessLog()
     ratelimit = RateLimitStage(metrics)
     tracer = Tracer()
-    tracer.configure(first.tracing, first.service, span_processor)
+    tracer.configure(first.tracing, first.service, span_batcher)
     server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit, tracer), metrics)
     # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
     metrics.active_requests.set_function(lambda: server.in_flight)
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
     metrics.log_drops(lambda: default_writer().dropped)
+    metrics.span_counts(tracer.counts)
 
     def publish(serving: Serving) -> None:
         previous = server.serving
         server.serving = serving
         # Sampling and propagation follow a reload at once; a new export target gets a new exporter.
-        tracer.configure(serving.snapshot.tracing, serving.snapshot.service, span_processor)
+        tracer.configure(serving.snapshot.tracing, serving.snapshot.service, span_batcher)
         if previous is not None and previous.snapshot.logs.level != serving.snapshot.logs.level:
             tlogging.configure(serving.snapshot.logs.level, serving.snapshot.service)
 

@@ -8,7 +8,7 @@ endpoint health) is read at scrape time through ``StateGauges`` instead of being
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -162,7 +162,19 @@ class Metrics:
             _ScrapeCounter(
                 "meshgate_log_lines_dropped",
                 "Log lines dropped because stdout did not keep up (the request went on; its line did not).",
-                dropped,
+                (),
+                lambda: [((), dropped())],
+            )
+        )
+
+    def span_counts(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Register ``meshgate_tracing_spans_total{result}``: spans exported, dropped (queue full) or failed."""
+        self.registry.register(
+            _ScrapeCounter(
+                "meshgate_tracing_spans",
+                "Finished spans by what became of them: exported, dropped (export queue full), failed (not accepted).",
+                ("result",),
+                lambda: [((result,), value) for result, value in counts().items()],
             )
         )
 
@@ -193,18 +205,24 @@ class Metrics:
 
 
 class _ScrapeCounter(Collector):
-    """A counter whose value lives elsewhere (prometheus-client counters cannot read a function, gauges can)."""
+    """A counter whose values live elsewhere (prometheus-client counters cannot read a function, gauges can)."""
 
-    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], rows: Callable[[], Iterable[StateRow]]
+    ) -> None:
         self._name = name
         self._documentation = documentation
-        self._read = read
+        self._labels = list(labels)
+        self._rows = rows
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for values, value in self._rows():
+            family.add_metric(list(values), value)
+        yield family
 
     def describe(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self._name, self._documentation)
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labels)
 
 
 class _StateGauges(Collector):

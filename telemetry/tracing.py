@@ -1,15 +1,15 @@
 """Spans for the gateway: one SERVER span per request, one CLIENT span per upstream attempt, exported over OTLP.
 
-The spans are recorded in small slotted objects of our own and handed to OpenTelemetry only at the end, as SDK
-``ReadableSpan`` values, to the SDK's ``BatchSpanProcessor`` and OTLP exporter (``telemetry.export``). The SDK's own
-``Span`` was measured at 31 µs a span in a tight loop and about twice that inside the proxy (locks, bounded
-attribute containers, a ``getpid`` fork check, the context API); a request that is not sampled here costs two random
-ids and nothing else, and a sampled one builds its attributes once, at the end.
+Spans are small slotted records of our own; a finished one is queued as is and encoded to OTLP protobuf in the
+export thread (``telemetry.export``, ``telemetry.otlp``). The OpenTelemetry SDK's own ``Span`` was measured at 31 µs
+a span in a tight loop and about twice that inside the proxy (locks, bounded attribute containers, a ``getpid`` fork
+check, the context API), and its encoder at 45 µs a span. Here a request that is not sampled costs two random ids,
+and a sampled one builds its attributes once, at the end.
 
 Ids are always made, sampled or not: the log lines and local replies of every request carry ``trace_id`` and
 ``span_id``, and the upstream always receives a ``traceparent`` that continues the client's trace. Without a
 ``telemetry.tracing`` section nothing is exported and new traces are not sampled (flag ``00``), but a client's
-sampled trace is still continued through to the upstream.
+sampled trace is still continued to the upstream with its flag.
 """
 
 from __future__ import annotations
@@ -18,33 +18,30 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.trace import SpanKind
 
+from telemetry.export import SpanBatcher
+from telemetry.otlp import encode_resource, encode_scope
 from telemetry.propagation import Parent, extract, inject_headers
 from telemetry.sampling import Sampler
 from telemetry.settings import Propagator, TracingSettings
 
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import SpanProcessor
+__all__ = ["Attributes", "BatcherFactory", "Span", "Tracer"]
 
-__all__ = ["Attributes", "ProcessorFactory", "Span", "Tracer"]
-
+AttributeValue = str | bool | int | float | Sequence[str]
 Attributes = dict[str, AttributeValue]
-# Builds the span processor for a settings value (``telemetry.export.span_processor``); a seam for tests.
-ProcessorFactory = Callable[[TracingSettings], "SpanProcessor"]
+Event = tuple[str, int, Attributes | None]  # name, time (ns since the epoch), attributes
+# Builds the exporting batcher for a settings value, given the encoded resource and scope; a seam for tests.
+BatcherFactory = Callable[[TracingSettings, bytes, bytes], SpanBatcher]
 
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_ERROR: Final = Status(StatusCode.ERROR)
-_UNSET: Final = Status(StatusCode.UNSET)
-_SCOPE: Final = InstrumentationScope("meshgate")
+_SCOPE: Final = encode_scope("meshgate")
 _DEFAULT_PROPAGATORS: tuple[Propagator, ...] = ("tracecontext", "baggage")
+# Seconds a batcher replaced by a reload gets to send what it holds.
+_RETIRE_TIMEOUT: Final = 10.0
 
 
 class Span:
@@ -55,9 +52,12 @@ class Span:
     """
 
     __slots__ = (
+        "attributes",
+        "end_ns",
         "error",
         "events",
         "kind",
+        "name",
         "parent_id",
         "recording",
         "remote_parent",
@@ -86,6 +86,9 @@ class Span:
         self.sampled = sampled
         self.recording = recording
         self.start_ns = time.time_ns() if recording else 0
+        self.end_ns = 0
+        self.name = ""
+        self.attributes: Attributes = {}
         self.events: list[Event] = []
         self.error = False  # set for the span status ERROR (5xx on a SERVER span, any failure on a CLIENT span)
 
@@ -98,28 +101,30 @@ class Span:
         return f"{self.span_id:016x}"
 
     def event(self, name: str, attributes: Attributes | None = None) -> None:
-        """Record why something happened (a retry, a trip, a rejection) at this moment; free when not sampled."""
+        """Record why something happened (a retry, a trip, a rejection) at this moment; free when not recording."""
         if self.recording:
-            self.events.append(Event(name, attributes, time.time_ns()))
+            self.events.append((name, time.time_ns(), attributes))
 
 
 class Tracer:
-    """Makes spans, decides sampling and hands finished sampled spans to the exporter. One per process.
+    """Makes spans, decides sampling and queues finished recording spans for export. One per process.
 
     ``configure`` swaps settings on a config reload: the sampler and propagators at once; a changed export target
-    gets a new span processor while the old one flushes and shuts down in a thread of its own (its export may block
-    for the exporter's timeout, and no request may wait for that).
+    gets a new batcher while the old one sends what it holds and stops in a thread of its own (its send may block
+    for the export timeout, and no request may wait for that).
     """
 
     def __init__(self, rng: random.Random | None = None) -> None:
         # Not the process-wide `random`: seeded from the OS once, so two workers never share an id sequence.
         self._ids = rng if rng is not None else random.Random(os.urandom(32))
         self._settings: TracingSettings | None = None
-        self._processor: SpanProcessor | None = None
+        self._batcher: SpanBatcher | None = None
         self._sampler = Sampler(0.0)
         self._propagators = _DEFAULT_PROPAGATORS
-        self._resource = Resource.create({"service.name": "meshgate"})
         self._service = ""
+        self._resource = b""
+        # Counts of batchers already replaced, so the exported totals never go down across reloads.
+        self._retired = (0, 0, 0)
 
     @property
     def propagators(self) -> tuple[Propagator, ...]:
@@ -127,13 +132,26 @@ class Tracer:
 
     @property
     def exporting(self) -> bool:
-        return self._processor is not None
+        return self._batcher is not None
 
-    def configure(self, settings: TracingSettings | None, service: str, processor_factory: ProcessorFactory) -> None:
-        if service != self._service:
+    def counts(self) -> Mapping[str, int]:
+        """Spans ``exported``, ``dropped`` (queue full) and ``failed`` (the collector did not take them), so far."""
+        exported, dropped, failed = self._retired
+        if self._batcher is not None:
+            exported += self._batcher.exported
+            dropped += self._batcher.dropped
+            failed += self._batcher.failed
+        return {"exported": exported, "dropped": dropped, "failed": failed}
+
+    def configure(self, settings: TracingSettings | None, service: str, batcher_factory: BatcherFactory) -> None:
+        service_changed = service != self._service
+        if service_changed:
             self._service = service
-            self._resource = Resource.create({"service.name": service, "service.instance.id": _instance_id()})
-        if settings == self._settings:
+            # Resource.create adds the SDK's standard attributes and OTEL_RESOURCE_ATTRIBUTES; encoded once here.
+            resource = Resource.create({"service.name": service, "service.instance.id": _instance_id()})
+            scalars = {k: v for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)}
+            self._resource = encode_resource(scalars)
+        if settings == self._settings and not service_changed:
             return
         old, self._settings = self._settings, settings
         if settings is None:
@@ -142,31 +160,26 @@ class Tracer:
         else:
             self._sampler = Sampler(settings.sample_ratio, settings.max_traces_per_second)
             self._propagators = settings.propagators
-        if old is not None and settings is not None and _same_export(old, settings):
+        if old is not None and settings is not None and _same_export(old, settings) and not service_changed:
             return
-        previous, self._processor = self._processor, (processor_factory(settings) if settings is not None else None)
+        previous = self._batcher
+        self._batcher = batcher_factory(settings, self._resource, _SCOPE) if settings is not None else None
         if previous is not None:
-            threading.Thread(target=previous.shutdown, name="meshgate-span-processor-shutdown", daemon=True).start()
+            self._retire(previous)
 
     def shutdown(self, timeout: float) -> None:
-        """Export what is queued, waiting at most ``timeout`` seconds, then stop exporting.
+        """Send what is queued, waiting at most ``timeout`` seconds, then stop exporting. Blocking: off the loop."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.shutdown(timeout)
 
-        Blocking (up to ``timeout``): call it off the event loop.
-        """
-        processor, self._processor = self._processor, None
-        if processor is None:
-            return
+    def _retire(self, batcher: SpanBatcher) -> None:
+        def stop() -> None:
+            batcher.shutdown(_RETIRE_TIMEOUT)
+            exported, dropped, failed = self._retired
+            self._retired = (exported + batcher.exported, dropped + batcher.dropped, failed + batcher.failed)
 
-        # The SDK's force_flush ignores its timeout (opentelemetry-python #4568): behind an export stuck on a dead
-        # collector it waits out the export timeout, then exports the rest itself. So flush and shut down in a
-        # daemon thread and wait for it only ``timeout`` seconds; what is still stuck then ends with the process.
-        def flush_then_shutdown() -> None:
-            processor.force_flush(int(timeout * 1000))
-            processor.shutdown()
-
-        worker = threading.Thread(target=flush_then_shutdown, name="meshgate-span-flush", daemon=True)
-        worker.start()
-        worker.join(timeout)
+        threading.Thread(target=stop, name="meshgate-span-export-retire", daemon=True).start()
 
     # --- per request ---------------------------------------------------------------------------------------------
 
@@ -185,7 +198,7 @@ class Tracer:
             parent_id,
             SpanKind.SERVER,
             sampled=sampled,
-            recording=sampled and self._processor is not None,
+            recording=sampled and self._batcher is not None,
             remote_parent=parent is not None,
         )
         return span, parent
@@ -207,26 +220,13 @@ class Tracer:
 
     def end(self, span: Span, name: str, attributes: Attributes) -> None:
         """Finish a recording span and queue it for export (the caller checks ``span.recording`` first)."""
-        processor = self._processor
-        if processor is None:
-            return
-        trace_id = span.trace_id
-        parent = SpanContext(trace_id, span.parent_id, span.remote_parent, _SAMPLED) if span.parent_id else None
-        processor.on_end(
-            ReadableSpan(
-                name,
-                context=SpanContext(trace_id, span.span_id, False, _SAMPLED),
-                parent=parent,
-                resource=self._resource,
-                attributes=attributes,
-                events=span.events,
-                kind=span.kind,
-                status=_ERROR if span.error else _UNSET,
-                start_time=span.start_ns,
-                end_time=time.time_ns(),
-                instrumentation_scope=_SCOPE,
-            )
-        )
+        batcher = self._batcher
+        if batcher is None:
+            return  # tracing was switched off by a reload while this request ran
+        span.name = name
+        span.attributes = attributes
+        span.end_ns = time.time_ns()
+        batcher.add(span)
 
 
 def _same_export(a: TracingSettings, b: TracingSettings) -> bool:

@@ -18,6 +18,7 @@ import json
 import re
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from tests.otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver, OtlpReceiver, ReceivedSpan
-from tests.procs import Gateway, gateway, stop
+from tests.procs import Gateway, gateway, metric_sum, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -590,6 +591,11 @@ def test_b3_multi_headers(tmp_path: Path, upstream_a: int) -> None:
 # --- a collector that is down ------------------------------------------------------------------------------------
 
 
+def scrape(gw: Gateway) -> str:
+    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
 @pytest.fixture
 def hung_port() -> Iterator[int]:
     """A listener that completes TCP handshakes (the kernel does) but never reads or answers: a hung collector."""
@@ -604,7 +610,9 @@ async def test_a_collector_that_is_down_never_slows_requests(
     tmp_path: Path, upstream_a: int, refused_port: int, hung_port: int, collector: str
 ) -> None:
     port = refused_port if collector == "refused" else hung_port
-    config = simple_config("no-collector", upstream_a, tracing(f"http://127.0.0.1:{port}"))
+    # A 1 s export timeout: the exporter retries a refused connection with backoff until it passes.
+    batch = {**BATCH, "export_timeout": "1s"}
+    config = simple_config("no-collector", upstream_a, tracing(f"http://127.0.0.1:{port}", batch=batch))
     with gateway(tmp_path, config) as gw:
         semaphore = asyncio.Semaphore(20)
         latencies: list[float] = []
@@ -627,6 +635,15 @@ async def test_a_collector_that_is_down_never_slows_requests(
         assert statuses == [200] * 200
         assert elapsed < 8, elapsed
         assert max(latencies) < 1.0, sorted(latencies)[-5:]
+        if collector == "refused":  # a refused export fails fast: counted as failed, never as exported
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                page = scrape(gw)
+                if metric_sum(page, "meshgate_tracing_spans_total", result="failed") >= 400:
+                    break
+                await asyncio.sleep(0.2)
+            assert metric_sum(page, "meshgate_tracing_spans_total", result="failed") == 400  # 200 SERVER + 200 CLIENT
+            assert metric_sum(page, "meshgate_tracing_spans_total", result="exported") == 0
 
         stopping = time.monotonic()
         returncode = await asyncio.to_thread(stop, gw.process, 30)  # SIGTERM: drains, flushes what it can, exits
