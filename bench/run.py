@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python bench/run.py [--duration 10] [--connections 50] [--out bench/out] [--access-log] [--profile]
+    python bench/run.py --telemetry [--rounds 2] [--profile]     # the cost of tracing and the access log
 
 Targets (each gets a ~2 s warm-up, then one measured ``wrk --latency`` run):
 
@@ -14,6 +15,14 @@ Targets (each gets a ~2 s warm-up, then one measured ``wrk --latency`` run):
     wrk -> ``python -m gateway run -c <generated yaml> [--workers 2]`` -> upstream nginx.
 ``meshgate-accesslog`` (with ``--access-log``)
     as ``meshgate`` with ``telemetry.logs.access_log: true``; stdout goes to /dev/null.
+``meshgate-trace100`` / ``meshgate-trace10`` / ``meshgate-all`` (with ``--telemetry``)
+    as ``meshgate`` (telemetry off: no ``telemetry.tracing``, access log off; metrics are always on) plus
+    ``telemetry.tracing`` exporting OTLP/HTTP to ``bench/otlp_sink.py`` at sample_ratio 1.0 / 0.1, and for
+    ``meshgate-all`` sample_ratio 1.0 and the access log. The sink runs as its own process on the load core and
+    decodes and counts every span; per measured run the harness reports spans received against the expected
+    requests x 2 (SERVER + CLIENT) x ratio, and the gateway's CPU split into its event-loop thread and the rest
+    (the span export thread). ``--rounds N`` measures the meshgate variants N times, interleaved, and compares
+    medians.
 
 Pinning (2-core machine): the process under test runs on core 0 (``taskset -c 0``); wrk (``-t1``) and, for the
 proxied targets, the upstream nginx (one worker) share core 1. For ``direct`` the upstream nginx *is* the process
@@ -25,8 +34,9 @@ number of requests (the proxy's split into user/system time), each core's busy s
 side saturated), the "other load" on the machine (busy core-seconds not used by our processes; a noisy run is
 re-measured, ``--retries``), and the upstream nginx's ``stub_status`` counters (requests proxied, new upstream
 connections). Raw results go to ``<out>/results.json``, a Markdown summary to ``<out>/summary.md``. With
-``--profile`` meshgate (one worker) is then loaded again and sampled with py-spy in ``--nonblocking`` mode:
-``<out>/profile.svg``, ``<out>/profile.raw.txt`` and ``<out>/profile_top.txt``.
+``--profile`` meshgate (one worker; ``--profile-target``, by default ``meshgate-trace100`` with ``--telemetry``)
+is then loaded again and sampled with py-spy in ``--nonblocking`` mode: ``<out>/profile.svg``,
+``<out>/profile.raw.txt`` (per thread) and ``<out>/profile_top.txt``.
 
 Every process the harness starts lives in its own session and is stopped (SIGTERM, then SIGKILL of its process
 group) in a ``finally`` block, on errors and on Ctrl-C/SIGTERM too. Only 127.0.0.1 is used.
@@ -64,7 +74,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = ("meshgate-bench-" + "0123456789" * 9)[:99] + "\n"
 assert len(BODY) == 100
 STATUS_PATH = "/__bench_nginx_status"  # stub_status on the upstream nginx: counts connections and requests
-ALL_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-w2", "meshgate-accesslog")
+ALL_TARGETS = (
+    "direct",
+    "nginx-proxy",
+    "meshgate",
+    "meshgate-w2",
+    "meshgate-accesslog",
+    "meshgate-trace100",
+    "meshgate-trace10",
+    "meshgate-all",
+)
+DEFAULT_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-w2")
+# --telemetry: the cost of telemetry, against the telemetry-off `meshgate` measured in the same run.
+TELEMETRY_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-trace100", "meshgate-trace10", "meshgate-all")
+TELEMETRY_BASE = "meshgate"  # the variant the telemetry overhead ratios are taken against
+SPANS_PER_REQUEST = 2  # one SERVER span + one CLIENT span per proxied request (one attempt, no retries here)
 
 
 class BenchError(RuntimeError):
@@ -471,8 +495,31 @@ def start_nginx(procs: Processes, name: str, workdir: Path, server_block: str, c
     return item
 
 
-def meshgate_yaml(listen: int, admin: int, upstream: int, access_log: bool) -> str:
-    """The meshgate config used for all meshgate targets (one catch-all route, one static endpoint)."""
+def meshgate_yaml(
+    listen: int,
+    admin: int,
+    upstream: int,
+    access_log: bool,
+    otlp_endpoint: str | None = None,
+    sample_ratio: float | None = None,
+    max_queue: int | None = None,
+) -> str:
+    """The meshgate config used for all meshgate targets (one catch-all route, one static endpoint).
+
+    With ``otlp_endpoint`` (and ``sample_ratio``) it adds ``telemetry.tracing`` (OTLP http/protobuf); otherwise
+    there is no tracing section and nothing is exported.
+    """
+    logs = f"logs: {{level: info, access_log: {'true' if access_log else 'false'}}}"
+    if otlp_endpoint is None:
+        telemetry = f"telemetry: {{{logs}}}\n"
+    else:
+        batch = f", batch: {{max_queue: {max_queue}}}" if max_queue else ""
+        telemetry = (
+            "telemetry:\n"
+            f'  tracing: {{otlp_endpoint: "{otlp_endpoint}", protocol: http/protobuf, '
+            f"sample_ratio: {sample_ratio if sample_ratio is not None else 1.0}{batch}}}\n"
+            f"  {logs}\n"
+        )
     return f"""\
 service: bench
 listen: 127.0.0.1:{listen}
@@ -481,17 +528,25 @@ routes:
   - {{name: all, match: {{path_prefix: /}}, cluster: upstream}}
 clusters:
   - {{name: upstream, endpoints: ["127.0.0.1:{upstream}"], lb: round_robin}}
-telemetry: {{logs: {{level: info, access_log: {"true" if access_log else "false"}}}}}
-"""
+{telemetry}"""
 
 
 def start_meshgate(
-    procs: Processes, name: str, workdir: Path, upstream: int, workers: int, access_log: bool
+    procs: Processes,
+    name: str,
+    workdir: Path,
+    upstream: int,
+    workers: int,
+    access_log: bool,
+    *,
+    otlp_endpoint: str | None = None,
+    sample_ratio: float | None = None,
+    max_queue: int | None = None,
 ) -> tuple[Managed, int]:
     """Start meshgate pinned to PROXY_CORE; wait for /readyz on the admin port. Returns (process, listen port)."""
     listen, admin = free_port(), free_port()
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(meshgate_yaml(listen, admin, upstream, access_log))
+    cfg.write_text(meshgate_yaml(listen, admin, upstream, access_log, otlp_endpoint, sample_ratio, max_queue))
     argv = ["taskset", "-c", str(PROXY_CORE), sys.executable, "-m", "gateway", "run", "-c", str(cfg)]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -500,6 +555,42 @@ def start_meshgate(
     item = procs.start(name, argv, log=workdir / f"{name}.log", stdout_devnull=access_log, cwd=REPO, env=env)
     wait_ready(f"http://127.0.0.1:{admin}/readyz", item, timeout=60)
     return item, listen
+
+
+def start_sink(procs: Processes, workdir: Path, name: str = "otlp-sink") -> tuple[Managed, int]:
+    """Start ``bench/otlp_sink.py`` pinned to LOAD_CORE (next to wrk); returns (process, port) once it answers."""
+    port = free_port()
+    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(REPO / "bench" / "otlp_sink.py"), "--port", str(port)]
+    item = procs.start(name, argv, log=workdir / f"{name}.log", cwd=REPO)
+    wait_ready(f"http://127.0.0.1:{port}/stats", item, timeout=30)
+    return item, port
+
+
+def sink_stats(port: int) -> dict[str, Any]:
+    """The sink's counters (``export_requests``, ``spans``, ``spans_by_kind``, ``body_bytes``, ``errors``)."""
+    status, _, body = http_get(f"http://127.0.0.1:{port}/stats")
+    if status != 200:
+        raise BenchError(f"otlp sink /stats answered {status}")
+    stats: dict[str, Any] = json.loads(body)
+    return stats
+
+
+def wait_exported(port: int, settle: float = 0.5, max_wait: float = 5.0) -> tuple[dict[str, Any], float]:
+    """Wait until the sink's span count has not moved for ``settle`` s (the batch delay is 0.2 s); returns (stats,
+    seconds waited). Bounded by ``max_wait``: a gateway that keeps exporting does not hang the run."""
+    started = time.monotonic()
+    stats = sink_stats(port)
+    still_since = started
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        current = sink_stats(port)
+        if current["spans"] != stats["spans"] or current["export_requests"] != stats["export_requests"]:
+            stats, still_since = current, now
+        elif now - still_since >= settle or now - started >= max_wait:
+            return current, round(now - started, 2)
+        if now - started >= max_wait:
+            return current, round(now - started, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,6 +606,11 @@ class Target:
     description: str
     workers: int = 1
     access_log: bool = False
+    sample_ratio: float | None = None  # None: no telemetry.tracing section (nothing exported)
+
+    @property
+    def exports(self) -> bool:
+        return self.sample_ratio is not None
 
 
 TARGETS = {
@@ -531,6 +627,25 @@ TARGETS = {
         "meshgate",
         "wrk -> meshgate (1 worker, access log on, stdout to /dev/null) -> nginx upstream",
         access_log=True,
+    ),
+    "meshgate-trace100": Target(
+        "meshgate-trace100",
+        "meshgate",
+        "wrk -> meshgate (tracing, sample_ratio 1.0, OTLP/HTTP to the sink; access log off) -> nginx upstream",
+        sample_ratio=1.0,
+    ),
+    "meshgate-trace10": Target(
+        "meshgate-trace10",
+        "meshgate",
+        "wrk -> meshgate (tracing, sample_ratio 0.1, OTLP/HTTP to the sink; access log off) -> nginx upstream",
+        sample_ratio=0.1,
+    ),
+    "meshgate-all": Target(
+        "meshgate-all",
+        "meshgate",
+        "wrk -> meshgate (tracing 1.0 + access log to /dev/null + metrics) -> nginx upstream",
+        access_log=True,
+        sample_ratio=1.0,
     ),
 }
 
@@ -567,7 +682,29 @@ class TargetResult:
     sanity: dict[str, Any] = field(default_factory=dict)
     warmup_rps: float | None = None
     exit_code: int | None = None
+    round: int = 1
+    # CPU of the process under test split by thread: the main (event loop) thread of each process, and the rest
+    # (the span export thread, the log writer, executors); summed over the process tree.
+    proxy_main_us_per_req: float | None = None
+    proxy_other_threads_us_per_req: float | None = None
+    # tracing targets: what the OTLP sink received for the requests of the measured run
+    sample_ratio: float | None = None
+    spans_received: int | None = None
+    spans_expected: float | None = None  # upstream requests x 2 spans x sample ratio
+    spans_by_kind: dict[str, int] = field(default_factory=dict)
+    export_requests: int | None = None
+    export_bytes: int | None = None
+    export_errors: int | None = None
+    export_drain_s: float | None = None  # after wrk ended, until the sink stopped receiving
+    proxy_drain_cpu_s: float | None = None  # the gateway's CPU in that drain (included in proxy_us_per_req)
+    sink_us_per_req: float | None = None
     wrk_output: str | None = None
+
+    @property
+    def spans_exported_share(self) -> float | None:
+        if self.spans_received is None or not self.spans_expected:
+            return None
+        return self.spans_received / self.spans_expected
 
 
 def sanity_check(url: str) -> dict[str, Any]:
@@ -587,6 +724,8 @@ class Running:
     upstream_pid: int | None  # the upstream nginx behind a proxy; None for direct
     status_port: int  # the nginx whose stub_status counts the requests that reached the upstream
     exit_code: int | None = None  # after SIGTERM
+    sink_pid: int | None = None  # the OTLP sink (running for the whole run when any target traces)
+    sink_port: int | None = None  # set only when this target exports spans to it
 
 
 NOISY_CORES = 0.15  # other load above this (in cores) during a measured run triggers a re-measurement
@@ -595,11 +734,17 @@ NOISY_CORES = 0.15  # other load above this (in cores) during a measured run tri
 def measure(target: Target, run: Running, args: argparse.Namespace, workdir: Path) -> TargetResult:
     """Sanity request and warm-up, then the measured wrk run (re-measured while other load spoiled it).
 
-    At most ``1 + args.retries`` measured runs; the one with the least other load is kept.
+    At most ``1 + args.retries`` measured runs; the one with the least other load is kept. A target that exports
+    spans must have delivered some to the sink by the end of the warm-up, or it fails.
     """
     sanity = sanity_check(run.url)
+    before = sink_stats(run.sink_port) if run.sink_port else None
     print(f"  [{target.name}] warm-up {args.warmup:g}s ...", flush=True)
     warmup_rps = run_wrk(run.url, args.warmup, args.connections, workdir).rps
+    if run.sink_port and before is not None:
+        after, _ = wait_exported(run.sink_port)
+        if after["spans"] <= before["spans"]:
+            raise BenchError(f"no spans reached the OTLP sink during the warm-up ({after})")
     best: TargetResult | None = None
     for attempt in range(1, args.retries + 2):
         waited = wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
@@ -615,13 +760,35 @@ def measure(target: Target, run: Running, args: argparse.Namespace, workdir: Pat
     return best
 
 
+def main_thread_ticks(root: int) -> int:
+    """utime+stime of the main thread of every process in ``root``'s tree (``/proc/<pid>/task/<pid>/stat``)."""
+    total = 0
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir: Path) -> TargetResult:
-    """One measured wrk run with CPU, per-core and upstream-connection accounting around it."""
-    result = TargetResult(target.name, target.description)
-    proxy_root, upstream_root = run.root_pid, run.upstream_pid
+    """One measured wrk run with CPU, per-core, upstream-connection and (when tracing) span accounting around it.
+
+    For a target that exports spans, the sink must be idle before the run starts (the warm-up's spans delivered),
+    and after wrk ends the harness waits until the last batch has arrived. The gateway's CPU per request includes
+    that drain (it is the export of the run's own spans); per-core busy shares, CPU utilisation and "other load"
+    cover the wrk run only.
+    """
+    result = TargetResult(target.name, target.description, sample_ratio=target.sample_ratio)
+    proxy_root, upstream_root, sink_root = run.root_pid, run.upstream_pid, run.sink_pid
+    stats0 = wait_exported(run.sink_port)[0] if run.sink_port else None
     accepts0, requests0 = upstream_counters(run.status_port)
     p0 = cpu_ticks(proxy_root)
+    m0 = main_thread_ticks(proxy_root)
     u0 = cpu_ticks(upstream_root) if upstream_root else {}
+    k0 = cpu_ticks(sink_root) if sink_root else {}
     c0 = core_times()
     t0 = time.monotonic()
     wrk = run_wrk(run.url, args.duration, args.connections, workdir)
@@ -629,16 +796,39 @@ def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir
     c1 = core_times()
     p1 = cpu_ticks(proxy_root)
     u1 = cpu_ticks(upstream_root) if upstream_root else {}
+    k1 = cpu_ticks(sink_root) if sink_root else {}
     accepts1, requests1 = upstream_counters(run.status_port)
     # minus the second stub_status reading itself
     result.upstream_new_connections = accepts1 - accepts0 - 1
     result.upstream_requests = requests1 - requests0 - 1
+    p2, k2 = p1, k1
+    if run.sink_port and stats0 is not None:
+        stats1, result.export_drain_s = wait_exported(run.sink_port)
+        p2 = cpu_ticks(proxy_root)
+        k2 = cpu_ticks(sink_root) if sink_root else {}
+        result.spans_received = stats1["spans"] - stats0["spans"]
+        result.export_requests = stats1["export_requests"] - stats0["export_requests"]
+        result.export_bytes = stats1["body_bytes"] - stats0["body_bytes"]
+        result.export_errors = stats1["errors"] - stats0["errors"]
+        result.spans_by_kind = {
+            kind: n - stats0["spans_by_kind"].get(kind, 0)
+            for kind, n in stats1["spans_by_kind"].items()
+            if n - stats0["spans_by_kind"].get(kind, 0)
+        }
+        ratio = target.sample_ratio if target.sample_ratio is not None else 1.0
+        result.spans_expected = round(result.upstream_requests * SPANS_PER_REQUEST * ratio, 1)
+    m2 = main_thread_ticks(proxy_root)
     proxy_user, proxy_sys = cpu_delta_s(p0, p1)
+    window_cpu = proxy_user + proxy_sys
+    proxy_user, proxy_sys = cpu_delta_s(p0, p2)  # including the export of the run's last spans
     proxy_cpu = proxy_user + proxy_sys
+    result.proxy_drain_cpu_s = round(proxy_cpu - window_cpu, 3) if run.sink_port else None
     upstream_cpu = sum(cpu_delta_s(u0, u1))
+    sink_cpu = sum(cpu_delta_s(k0, k1))
     busy_s = sum(b1 - c0[core][0] for core, (b1, _) in c1.items()) / CLK_TCK
     # Busy core-seconds not spent by the processes of this benchmark (other jobs, unaccounted kernel work), as cores.
-    result.other_load_cores = round((busy_s - proxy_cpu - upstream_cpu - wrk.wrk_cpu_s) / wall, 2) if wall > 0 else None
+    ours = window_cpu + upstream_cpu + sink_cpu + wrk.wrk_cpu_s
+    result.other_load_cores = round((busy_s - ours) / wall, 2) if wall > 0 else None
     result.rps = wrk.rps
     result.latency_ms = wrk.latency_ms
     result.requests = wrk.requests
@@ -647,15 +837,21 @@ def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir
     result.socket_errors = wrk.socket_errors
     result.non_2xx_3xx = wrk.non_2xx_3xx
     result.proxy_cpu_s = round(proxy_cpu, 3)
-    result.proxy_pids = sorted(p1)
+    result.proxy_pids = sorted(p2)
     if wrk.requests:
-        result.proxy_us_per_req = round(proxy_cpu / wrk.requests * 1e6, 2)
-        result.proxy_user_us_per_req = round(proxy_user / wrk.requests * 1e6, 2)
-        result.proxy_sys_us_per_req = round(proxy_sys / wrk.requests * 1e6, 2)
-        result.wrk_us_per_req = round(wrk.wrk_cpu_s / wrk.requests * 1e6, 2)
+        per_req = 1e6 / wrk.requests
+        result.proxy_us_per_req = round(proxy_cpu * per_req, 2)
+        result.proxy_user_us_per_req = round(proxy_user * per_req, 2)
+        result.proxy_sys_us_per_req = round(proxy_sys * per_req, 2)
+        main_s = (m2 - m0) / CLK_TCK
+        result.proxy_main_us_per_req = round(main_s * per_req, 2)
+        result.proxy_other_threads_us_per_req = round((proxy_cpu - main_s) * per_req, 2)
+        result.wrk_us_per_req = round(wrk.wrk_cpu_s * per_req, 2)
         if upstream_root:
-            result.upstream_us_per_req = round(upstream_cpu / wrk.requests * 1e6, 2)
-    result.proxy_cpu_util = round(proxy_cpu / wall, 3) if wall > 0 else None
+            result.upstream_us_per_req = round(upstream_cpu * per_req, 2)
+        if run.sink_port and sink_root:
+            result.sink_us_per_req = round(sum(cpu_delta_s(k0, k2)) * per_req, 2)
+    result.proxy_cpu_util = round(window_cpu / wall, 3) if wall > 0 else None
     result.core_busy = core_busy(c0, c1)
     result.wrk_output = wrk.output
     if wrk.errors:
@@ -665,7 +861,13 @@ def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir
 
 @contextlib.contextmanager
 def running(
-    target: Target, procs: Processes, workdir: Path, upstream: Managed | None, up_port: int
+    target: Target,
+    procs: Processes,
+    workdir: Path,
+    upstream: Managed | None,
+    up_port: int,
+    sink: tuple[Managed, int] | None = None,
+    max_queue: int | None = None,
 ) -> Iterator[Running]:
     """Start the process under test pinned to PROXY_CORE, yield it as :class:`Running`, stop it (SIGTERM)."""
     if target.kind == "direct":
@@ -678,44 +880,94 @@ def running(
             port = free_port()
             item = start_nginx(procs, "nginx-proxy", workdir, proxy_block(port, up_port), PROXY_CORE, port)
         else:
-            item, port = start_meshgate(procs, target.name, workdir, up_port, target.workers, target.access_log)
+            endpoint = None
+            if target.exports:
+                if sink is None:
+                    raise BenchError("a tracing target needs the OTLP sink")
+                endpoint = f"http://127.0.0.1:{sink[1]}"
+            item, port = start_meshgate(
+                procs,
+                target.name,
+                workdir,
+                up_port,
+                target.workers,
+                target.access_log,
+                otlp_endpoint=endpoint,
+                sample_ratio=target.sample_ratio,
+                max_queue=max_queue,
+            )
         run = Running(f"http://127.0.0.1:{port}/", item.pid, upstream.pid, up_port)
+    if sink is not None:
+        run.sink_pid = sink[0].pid
+        run.sink_port = sink[1] if target.exports else None
     try:
         yield run
     finally:
         run.exit_code = procs.stop(item, grace=15)
 
 
+def target_order(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(target, round) in measuring order: the baselines once, the meshgate variants ``--rounds`` times, interleaved
+    (A B C A B C, so a slow drift of the machine spreads over all variants instead of biasing one)."""
+    if args.targets is not None:
+        names = list(args.targets)
+    elif args.telemetry:
+        names = list(TELEMETRY_TARGETS)
+    else:
+        names = list(DEFAULT_TARGETS)
+    extra = ["meshgate-accesslog"] if args.access_log else []
+    if args.telemetry:
+        extra += [t for t in TELEMETRY_TARGETS if t.startswith("meshgate-")]
+    names += [t for t in extra if t not in names]
+    baselines = [n for n in names if TARGETS[n].kind != "meshgate"]
+    variants = [n for n in names if TARGETS[n].kind == "meshgate"]
+    return [(n, 1) for n in baselines] + [(n, r) for r in range(1, args.rounds + 1) for n in variants]
+
+
 def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> list[TargetResult]:
     """Measure every selected target in order; a target that fails is recorded and the run goes on.
 
-    One upstream nginx (pinned to LOAD_CORE) serves all proxied targets; ``direct`` gets its own on PROXY_CORE.
+    One upstream nginx (pinned to LOAD_CORE) serves all proxied targets; ``direct`` gets its own on PROXY_CORE. When a
+    target traces, one OTLP sink (``bench/otlp_sink.py``, on LOAD_CORE) receives the spans of all of them.
     """
-    names = [t for t in args.targets if t != "meshgate-accesslog" or args.access_log]
-    if args.access_log and "meshgate-accesslog" not in names:
-        names.append("meshgate-accesslog")
+    order = target_order(args)
     results: list[TargetResult] = []
     upstream: Managed | None = None
+    sink: tuple[Managed, int] | None = None
     up_port = free_port()
     try:
-        for name in names:
+        if any(TARGETS[name].exports for name, _ in order):
+            sink = start_sink(procs, workdir)
+            print(f"== OTLP sink on core {LOAD_CORE}: http://127.0.0.1:{sink[1]}/v1/traces", flush=True)
+        for name, rnd in order:
             target = TARGETS[name]
-            print(f"== {name}: {target.description}", flush=True)
+            label = f"{name} (round {rnd})" if args.rounds > 1 and target.kind == "meshgate" else name
+            print(f"== {label}: {target.description}", flush=True)
             if target.kind != "direct" and upstream is None:
                 upstream = start_nginx(procs, "upstream", workdir, upstream_block(up_port), LOAD_CORE, up_port)
             try:
-                with running(target, procs, workdir, upstream, up_port) as run:
+                with running(target, procs, workdir, upstream, up_port, sink, args.trace_max_queue) as run:
                     result = measure(target, run, args, workdir)
                 result.exit_code = run.exit_code
+                result.round = rnd
                 if run.exit_code != 0:
                     print(f"  [{name}] note: exit code {run.exit_code} after SIGTERM", flush=True)
+                if result.spans_received is not None:
+                    print(
+                        f"  [{name}] spans received {result.spans_received:,} of {result.spans_expected:,.0f} expected "
+                        f"({_fmt(result.spans_exported_share, '.1%')}; {result.spans_by_kind}), "
+                        f"{result.export_requests} export requests",
+                        flush=True,
+                    )
                 results.append(result)
             except (BenchError, OSError) as error:
                 print(f"  [{name}] FAILED: {error}", flush=True)
-                results.append(TargetResult(name, target.description, ok=False, error=str(error)))
+                results.append(TargetResult(name, target.description, ok=False, error=str(error), round=rnd))
     finally:
         if upstream:
             procs.stop(upstream)
+        if sink:
+            procs.stop(sink[0])
     return results
 
 
@@ -724,24 +976,47 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
 
 
 def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, out: Path) -> dict[str, Any]:
-    """Load a single-worker meshgate and sample it with py-spy: flamegraph, raw stacks, top self-time list."""
+    """Load a single-worker meshgate variant and sample it with py-spy: flamegraph, raw stacks, top self-time list.
+
+    The variant is ``args.profile_target`` (a tracing one gets its own OTLP sink on LOAD_CORE). The raw pass is
+    recorded with ``--threads``, so the summary can split the samples between the event loop and other threads
+    (the span export thread).
+    """
     if not shutil.which("py-spy"):
         raise BenchError("py-spy not found")
+    target = TARGETS[args.profile_target]
+    if target.kind != "meshgate":
+        raise BenchError(f"--profile-target must be a meshgate variant, not {target.name}")
     up_port = free_port()
     upstream = start_nginx(procs, "upstream-profile", workdir, upstream_block(up_port), LOAD_CORE, up_port)
+    sink = start_sink(procs, workdir, "otlp-sink-profile") if target.exports else None
     try:
-        mg, port = start_meshgate(procs, "meshgate-profile", workdir, up_port, 1, args.profile_access_log)
+        mg, port = start_meshgate(
+            procs,
+            "meshgate-profile",
+            workdir,
+            up_port,
+            1,
+            target.access_log,
+            otlp_endpoint=f"http://127.0.0.1:{sink[1]}" if sink else None,
+            sample_ratio=target.sample_ratio,
+            max_queue=args.trace_max_queue,
+        )
         try:
             url = f"http://127.0.0.1:{port}/"
             sanity_check(url)
             run_wrk(url, args.warmup, args.connections, workdir)
-            for fmt, path in (("flamegraph", out / "profile.svg"), ("raw", out / "profile.raw.txt")):
-                print(f"  [profile] py-spy {fmt} {args.profile_duration:g}s ...", flush=True)
+            passes = [
+                ("flamegraph", out / "profile.svg", []),
+                ("raw", out / "profile.raw.txt", ["--threads", "--full-filenames"]),
+            ]
+            for fmt, path, extra in passes:
+                print(f"  [profile] {target.name}: py-spy {fmt} {args.profile_duration:g}s ...", flush=True)
                 load_s = round(args.profile_duration) + 3  # background load slightly longer than the sampling window
                 wrk_argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{load_s}s", url]
                 load = procs.start("wrk-profile-load", ["taskset", "-c", str(LOAD_CORE), *wrk_argv])
                 spy_argv = ["py-spy", "record", "--pid", str(mg.pid), "--duration", str(round(args.profile_duration))]
-                spy_argv += ["--rate", str(args.profile_rate), "--format", fmt, "-o", str(path)]
+                spy_argv += ["--rate", str(args.profile_rate), "--format", fmt, "-o", str(path), *extra]
                 spy_argv += [] if args.profile_blocking else ["--nonblocking"]
                 try:
                     time.sleep(1)
@@ -758,10 +1033,15 @@ def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, 
                 finally:
                     procs.stop(load)
             summary = summarize_profile(out / "profile.raw.txt")
+            summary["target"] = target.name
+            if sink:
+                summary["spans_received"] = sink_stats(sink[1])["spans"]
         finally:
             procs.stop(mg, grace=15)
     finally:
         procs.stop(upstream)
+        if sink:
+            procs.stop(sink[0])
     (out / "profile_top.txt").write_text(format_profile(summary))
     return summary
 
@@ -796,19 +1076,27 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
     incl_t: collections.Counter[tuple[str, str]] = collections.Counter()
     ours_lines: collections.Counter[tuple[str, str]] = collections.Counter()
     by_area: collections.Counter[str] = collections.Counter()
+    incl_area: collections.Counter[str] = collections.Counter()
+    by_thread: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
-        frames = [_frame_key(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        parts = stack.split(";")
+        # with py-spy --threads the root frame is "thread (TID): NAME"
+        thread = next((p.split(": ", 1)[-1] for p in parts if p.startswith("thread (")), "?")
+        frames = [_frame_key(f) for f in parts if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
         total += count
+        by_thread[thread] += count
         func, path, _ = frames[-1]
         self_t[func, path] += count
         by_area[_area(path)] += count
+        for area in {_area(path_i) for _, path_i, _ in frames}:
+            incl_area[area] += count
         for func_i, path_i, _ in set(frames):
             incl_t[func_i, path_i] += count
         # the innermost meshgate frame: where our code spends (or calls into library code for) the time
@@ -837,14 +1125,30 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
             {"area": a, "samples": c, "pct": round(100 * c / total, 2) if total else 0.0}
             for a, c in by_area.most_common()
         ],
+        # share of samples with at least one frame of the area on the stack (what the area costs, callees included)
+        "inclusive_by_area": [
+            {"area": a, "samples": c, "pct": round(100 * c / total, 2) if total else 0.0}
+            for a, c in incl_area.most_common()
+        ],
+        "by_thread": [
+            {"thread": t, "samples": c, "pct": round(100 * c / total, 2) if total else 0.0}
+            for t, c in by_thread.most_common()
+        ],
     }
 
 
 def _area(path: str) -> str:
     if path.startswith(_OURS):
         return path.split("/", 1)[0] + "/"
-    if "/" in path:
-        return path.split("/", 1)[0]
+    parts = path.split("/")
+    if parts[0] == "opentelemetry" and len(parts) > 2:
+        # the SDK (span objects, batch processor) apart from the exporter's encoding and its HTTP client
+        depth = 5 if parts[1] == "exporter" and len(parts) > 5 else 2
+        return "/".join(parts[:depth])
+    if parts[0] == "google" and len(parts) > 1:
+        return "google/" + parts[1]
+    if len(parts) > 1:
+        return parts[0]
     return path or "?"
 
 
@@ -857,12 +1161,22 @@ def format_profile(summary: dict[str, Any]) -> str:
         ("Innermost meshgate line on the stack (own work or the library call it makes)", "innermost_meshgate_line"),
     ]
     lines = [f"py-spy samples (non-idle): {summary.get('total_samples', 0)}"]
+    if summary.get("target"):
+        lines[0] += f"; target {summary['target']}"
+    if summary.get("spans_received") is not None:
+        lines[0] += f"; spans received by the sink {summary['spans_received']:,}"
+    lines += ["", "Samples by thread:"]
+    for row in summary.get("by_thread", []):
+        lines.append(f"     {row['pct']:6.2f}%  {row['thread']}")
     for title, key in sections:
         lines += ["", f"{title}:"]
         for i, row in enumerate(summary.get(key, []), 1):
             lines.append(f"{i:3d}. {row['pct']:6.2f}%  {row['function']}  ({row['file']})")
     lines += ["", "Self time by package/area:"]
     for row in summary.get("self_by_area", []):
+        lines.append(f"     {row['pct']:6.2f}%  {row['area']}")
+    lines += ["", "Inclusive time by package/area (samples with a frame of it on the stack):"]
+    for row in summary.get("inclusive_by_area", []):
         lines.append(f"     {row['pct']:6.2f}%  {row['area']}")
     return "\n".join(lines) + "\n"
 
@@ -879,38 +1193,90 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
-    """Each target relative to direct and to nginx-proxy (req/s, p99 and CPU per request)."""
-    by = {r.target: r for r in results if r.ok}
-    direct, nginx = by.get("direct"), by.get("nginx-proxy")
-    out: dict[str, dict[str, float | None]] = {}
+def _median(values: Sequence[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    mid = len(present) // 2
+    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+
+
+_AGGREGATED = (
+    "rps",
+    "proxy_us_per_req",
+    "proxy_user_us_per_req",
+    "proxy_sys_us_per_req",
+    "proxy_main_us_per_req",
+    "proxy_other_threads_us_per_req",
+    "sink_us_per_req",
+)
+
+
+def aggregate(results: list[TargetResult]) -> dict[str, dict[str, Any]]:
+    """Per target (in first-measured order): the median over its rounds of req/s, latency and CPU per request; spans
+    received and expected summed over the rounds."""
+    rounds: dict[str, list[TargetResult]] = {}
     for r in results:
-        if not r.ok:
-            continue
-        p99 = r.latency_ms.get("p99")
-        out[r.target] = {
-            "rps_vs_direct": _ratio(r.rps, direct.rps) if direct else None,
-            "p99_vs_direct": _ratio(p99, direct.latency_ms.get("p99")) if direct else None,
-            "rps_vs_nginx_proxy": _ratio(r.rps, nginx.rps) if nginx else None,
-            "p99_vs_nginx_proxy": _ratio(p99, nginx.latency_ms.get("p99")) if nginx else None,
-            "cpu_per_req_vs_nginx_proxy": _ratio(r.proxy_us_per_req, nginx.proxy_us_per_req) if nginx else None,
+        if r.ok:
+            rounds.setdefault(r.target, []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for target, rs in rounds.items():
+        row: dict[str, Any] = {"rounds": len(rs)}
+        for name in _AGGREGATED:
+            row[name] = _median([getattr(r, name) for r in rs])
+        for p in ("p50", "p99"):
+            row[p] = _median([r.latency_ms.get(p) for r in rs])
+        traced = [r for r in rs if r.spans_received is not None]
+        row["spans_received"] = sum(r.spans_received or 0 for r in traced) if traced else None
+        row["spans_expected"] = sum(r.spans_expected or 0.0 for r in traced) if traced else None
+        row["other_load_max"] = max((r.other_load_cores or 0.0) for r in rs)
+        out[target] = row
+    return out
+
+
+def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
+    """Each target relative to direct, to nginx-proxy and to meshgate with telemetry off (req/s, p99, CPU/request).
+
+    With several rounds, the per-target medians are compared.
+    """
+    agg = aggregate(results)
+    direct, nginx, base = agg.get("direct"), agg.get("nginx-proxy"), agg.get(TELEMETRY_BASE)
+    out: dict[str, dict[str, float | None]] = {}
+    for target, row in agg.items():
+        cpu = row["proxy_us_per_req"]
+        out[target] = {
+            "rps_vs_direct": _ratio(row["rps"], direct["rps"]) if direct else None,
+            "p99_vs_direct": _ratio(row["p99"], direct["p99"]) if direct else None,
+            "rps_vs_nginx_proxy": _ratio(row["rps"], nginx["rps"]) if nginx else None,
+            "p99_vs_nginx_proxy": _ratio(row["p99"], nginx["p99"]) if nginx else None,
+            "cpu_per_req_vs_nginx_proxy": _ratio(cpu, nginx["proxy_us_per_req"]) if nginx else None,
+            "rps_vs_meshgate": _ratio(row["rps"], base["rps"]) if base else None,
+            "p99_vs_meshgate": _ratio(row["p99"], base["p99"]) if base else None,
+            "cpu_per_req_vs_meshgate": _ratio(cpu, base["proxy_us_per_req"]) if base else None,
+            "cpu_delta_us_vs_meshgate": (
+                round(cpu - base["proxy_us_per_req"], 2)
+                if base and cpu is not None and base["proxy_us_per_req"]
+                else None
+            ),
         }
     return out
 
 
 def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]]) -> str:
-    """Markdown tables: absolute numbers, then ratios."""
+    """Markdown tables: absolute numbers per measured run, ratios (medians over rounds), telemetry cost."""
+    many = any(r.round > 1 for r in results)
     lines = [
         "| target | req/s | p50 ms | p99 ms | proxy µs CPU/req | (user / sys) | proxy CPU util | upstream µs/req "
         "| wrk µs/req | core0 busy | core1 busy | other load | upstream new conns | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        label = f"{r.target} #{r.round}" if many and r.target.startswith("meshgate") else r.target
         if not r.ok:
-            lines.append(f"| {r.target} | FAILED: {(r.error or '').splitlines()[0][:80]} ||||||||||||| |")
+            lines.append(f"| {label} | FAILED: {(r.error or '').splitlines()[0][:80]} ||||||||||||| |")
             continue
         lines.append(
-            f"| {r.target} | {_fmt(r.rps, ',.0f')} | {_fmt(r.latency_ms.get('p50'), '.3f')} "
+            f"| {label} | {_fmt(r.rps, ',.0f')} | {_fmt(r.latency_ms.get('p50'), '.3f')} "
             f"| {_fmt(r.latency_ms.get('p99'), '.3f')} | {_fmt(r.proxy_us_per_req, '.1f')} "
             f"| {_fmt(r.proxy_user_us_per_req, '.1f')} / {_fmt(r.proxy_sys_us_per_req, '.1f')} "
             f"| {_fmt(r.proxy_cpu_util, '.0%')} | {_fmt(r.upstream_us_per_req, '.1f')} "
@@ -918,9 +1284,11 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
             f"| {_fmt(r.core_busy.get('core1'), '.0%')} | {_fmt(r.other_load_cores, '.2f')} "
             f"| {r.upstream_new_connections} | {r.errors} |"
         )
+    median = " (medians over rounds)" if many else ""
     lines += [
         "",
-        "| target | req/s ÷ direct | p99 ÷ direct | req/s ÷ nginx-proxy | p99 ÷ nginx-proxy | CPU/req ÷ nginx-proxy |",
+        f"| target{median} | req/s ÷ direct | p99 ÷ direct | req/s ÷ nginx-proxy | p99 ÷ nginx-proxy "
+        "| CPU/req ÷ nginx-proxy |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for target, row in rel.items():
@@ -929,6 +1297,29 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
             f"| {_fmt(row['rps_vs_nginx_proxy'], '.3f')} | {_fmt(row['p99_vs_nginx_proxy'], '.2f')} "
             f"| {_fmt(row['cpu_per_req_vs_nginx_proxy'], '.2f')} |"
         )
+    agg = aggregate(results)
+    variants = [t for t in agg if t.startswith("meshgate")]
+    if TELEMETRY_BASE in agg and len(variants) > 1:
+        lines += [
+            "",
+            f"| target{median} | rounds | req/s | p50 ms | p99 ms | µs CPU/req | main / other threads µs "
+            f"| Δ µs/req vs {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE} | req/s ÷ {TELEMETRY_BASE} "
+            f"| p99 ÷ {TELEMETRY_BASE} | spans received / expected | exported | sink µs/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for target in variants:
+            row, r = agg[target], rel[target]
+            received, expected = row["spans_received"], row["spans_expected"]
+            spans = f"{received:,} / {expected:,.0f}" if received is not None and expected is not None else "-"
+            share = _fmt(received / expected, ".1%") if received is not None and expected else "-"
+            lines.append(
+                f"| {target} | {row['rounds']} | {_fmt(row['rps'], ',.0f')} | {_fmt(row['p50'], '.3f')} "
+                f"| {_fmt(row['p99'], '.3f')} | {_fmt(row['proxy_us_per_req'], '.1f')} "
+                f"| {_fmt(row['proxy_main_us_per_req'], '.1f')} / {_fmt(row['proxy_other_threads_us_per_req'], '.1f')} "
+                f"| {_fmt(r['cpu_delta_us_vs_meshgate'], '+.1f')} | {_fmt(r['cpu_per_req_vs_meshgate'], '.3f')} "
+                f"| {_fmt(r['rps_vs_meshgate'], '.3f')} | {_fmt(r['p99_vs_meshgate'], '.2f')} | {spans} | {share} "
+                f"| {_fmt(row['sink_us_per_req'], '.1f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -982,11 +1373,30 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="output directory")
     parser.add_argument("--access-log", action="store_true", help="also measure meshgate with access_log: true")
     parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="measure the cost of telemetry: direct, nginx-proxy, meshgate (telemetry off), meshgate-trace100, "
+        "meshgate-trace10, meshgate-all, with an OTLP sink receiving the spans",
+    )
+    parser.add_argument(
         "--targets",
         nargs="+",
         choices=ALL_TARGETS,
-        default=list(ALL_TARGETS),
-        help="subset of targets, in this order (default: all)",
+        default=None,
+        help=f"targets to measure, baselines first (default: {' '.join(DEFAULT_TARGETS)}; with --telemetry: "
+        f"{' '.join(TELEMETRY_TARGETS)})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the meshgate variants this many times, interleaved; ratios use the medians (default 1)",
+    )
+    parser.add_argument(
+        "--trace-max-queue",
+        type=int,
+        default=None,
+        help="telemetry.tracing.batch.max_queue for the tracing variants (default: the gateway's, 2048 spans)",
     )
     parser.add_argument(
         "--quiet-wait",
@@ -1009,8 +1419,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let py-spy pause the process per sample (default --nonblocking: pausing skews samples to syscall exits)",
     )
-    parser.add_argument("--profile-access-log", action="store_true", help="profile with access_log: true")
+    parser.add_argument(
+        "--profile-access-log",
+        action="store_true",
+        help="profile with access_log: true (= --profile-target meshgate-accesslog)",
+    )
+    parser.add_argument(
+        "--profile-target",
+        choices=[t for t in ALL_TARGETS if TARGETS[t].kind == "meshgate" and TARGETS[t].workers == 1],
+        default=None,
+        help="meshgate variant to profile (default: meshgate; meshgate-trace100 with --telemetry)",
+    )
     args = parser.parse_args(argv)
+    if args.profile_target is None:
+        if args.profile_access_log:
+            args.profile_target = "meshgate-accesslog"
+        else:
+            args.profile_target = "meshgate-trace100" if args.telemetry else "meshgate"
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be 1..10")
+    if args.trace_max_queue is not None and not 1 <= args.trace_max_queue <= 1_000_000:
+        parser.error("--trace-max-queue must be 1..1000000")
     if not 1 <= args.duration <= 300 or not 0 <= args.warmup <= 60 or not 1 <= args.connections <= 10000:
         parser.error("--duration must be 1..300 s, --warmup 0..60 s, --connections 1..10000")
     if not 0 <= args.retries <= 5 or not 0 <= args.quiet_wait <= 600:
@@ -1054,6 +1483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pinning": f"process under test on core {PROXY_CORE}; wrk and (for proxied targets) the upstream nginx "
             f"(1 worker) on core {LOAD_CORE}; for 'direct' the upstream nginx is on core {PROXY_CORE}",
             "body_bytes": len(BODY),
+            "rounds": args.rounds,
+            "otlp_sink": f"bench/otlp_sink.py on core {LOAD_CORE} (OTLP/HTTP protobuf, spans decoded and counted)",
+            "trace_max_queue": args.trace_max_queue,
         },
     }
     results: list[TargetResult] = []
@@ -1063,6 +1495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_targets(args, procs, workdir)
             rel = ratios(results)
             record["results"] = [asdict(r) for r in results]
+            record["aggregate"] = aggregate(results)
             record["ratios"] = rel
             table = render(results, rel)
             print()
@@ -1071,7 +1504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(not r.ok or r.errors for r in results):
                 exit_code = 1
         if args.profile or args.profile_only:
-            print("== profile: meshgate (1 worker) under wrk load, py-spy", flush=True)
+            print(f"== profile: {args.profile_target} (1 worker) under wrk load, py-spy", flush=True)
             try:
                 record["profile"] = profile_meshgate(args, procs, workdir, out)
                 print(format_profile(record["profile"]))
