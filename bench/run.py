@@ -1234,6 +1234,22 @@ def aggregate(results: list[TargetResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def paired_ratio(results: list[TargetResult], target: str, field: str) -> float | None:
+    """The median over rounds of ``target``'s ``field`` divided by the telemetry-off baseline's in the same round.
+
+    Rounds are interleaved, so a pair shares the machine's state at that moment; on a VM whose speed drifts between
+    rounds (seen here: the baseline moved 150 -> 230 µs/request within one run), paired ratios are steadier than a
+    ratio of medians.
+    """
+    base = {r.round: getattr(r, field) for r in results if r.ok and r.target == TELEMETRY_BASE}
+    pairs = [
+        getattr(r, field) / base[r.round]
+        for r in results
+        if r.ok and r.target == target and base.get(r.round) and getattr(r, field) is not None
+    ]
+    return _median(pairs)
+
+
 def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
     """Each target relative to direct, to nginx-proxy and to meshgate with telemetry off (req/s, p99, CPU/request).
 
@@ -1253,6 +1269,8 @@ def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
             "rps_vs_meshgate": _ratio(row["rps"], base["rps"]) if base else None,
             "p99_vs_meshgate": _ratio(row["p99"], base["p99"]) if base else None,
             "cpu_per_req_vs_meshgate": _ratio(cpu, base["proxy_us_per_req"]) if base else None,
+            "cpu_per_req_vs_meshgate_paired": paired_ratio(results, target, "proxy_us_per_req") if base else None,
+            "rps_vs_meshgate_paired": paired_ratio(results, target, "rps") if base else None,
             "cpu_delta_us_vs_meshgate": (
                 round(cpu - base["proxy_us_per_req"], 2)
                 if base and cpu is not None and base["proxy_us_per_req"]
@@ -1304,8 +1322,9 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
             "",
             f"| target{median} | rounds | req/s | p50 ms | p99 ms | µs CPU/req | main / other threads µs "
             f"| Δ µs/req vs {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE} | req/s ÷ {TELEMETRY_BASE} "
-            f"| p99 ÷ {TELEMETRY_BASE} | spans received / expected | exported | sink µs/req |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| p99 ÷ {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE}, paired | req/s ÷ {TELEMETRY_BASE}, paired "
+            "| spans received / expected | exported | sink µs/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for target in variants:
             row, r = agg[target], rel[target]
@@ -1317,7 +1336,9 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
                 f"| {_fmt(row['p99'], '.3f')} | {_fmt(row['proxy_us_per_req'], '.1f')} "
                 f"| {_fmt(row['proxy_main_us_per_req'], '.1f')} / {_fmt(row['proxy_other_threads_us_per_req'], '.1f')} "
                 f"| {_fmt(r['cpu_delta_us_vs_meshgate'], '+.1f')} | {_fmt(r['cpu_per_req_vs_meshgate'], '.3f')} "
-                f"| {_fmt(r['rps_vs_meshgate'], '.3f')} | {_fmt(r['p99_vs_meshgate'], '.2f')} | {spans} | {share} "
+                f"| {_fmt(r['rps_vs_meshgate'], '.3f')} | {_fmt(r['p99_vs_meshgate'], '.2f')} "
+                f"| {_fmt(r['cpu_per_req_vs_meshgate_paired'], '.3f')} | {_fmt(r['rps_vs_meshgate_paired'], '.3f')} "
+                f"| {spans} | {share} "
                 f"| {_fmt(row['sink_us_per_req'], '.1f')} |"
             )
     return "\n".join(lines) + "\n"

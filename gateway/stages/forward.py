@@ -95,7 +95,10 @@ class Forward:
             if is_websocket_upgrade(ctx.request):
                 endpoint = self._pick(ctx, runtime, None)
                 url = self._url(ctx, rewrite_path(route, ctx.path), endpoint)
-                return await proxy_websocket(ctx, runtime.session, url, self._headers(ctx))
+                headers = self._headers(ctx)
+                # The upstream continues the trace; the session itself is not a span (it may last for hours).
+                headers.update(self._tracer.context_headers(self._tracer.start_client(ctx.span), ctx.parent))
+                return await proxy_websocket(ctx, runtime.session, url, headers)
             return await self._attempts(ctx, route, runtime, body, exhausted_is_error)
         finally:
             runtime.admission.leave()
