@@ -147,8 +147,8 @@ async def test_a_stdout_nobody_reads_never_stalls_requests(
         stuck = gw.unread_bytes()
         await asyncio.sleep(0.3)  # a round of the writer's thread: nothing more fits
         assert gw.unread_bytes() == stuck
-        with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin}/metrics", timeout=5) as response:
-            dropped_metric = metric_sum(response.read().decode(), "meshgate_log_lines_dropped_total")
+        page = await asyncio.to_thread(scrape, gw.admin)
+        dropped_metric = metric_sum(page, "meshgate_log_lines_dropped_total")
         gw.resume()
         code, stdout, stderr = await asyncio.to_thread(gw.stop)
 
@@ -171,6 +171,11 @@ async def test_a_stdout_nobody_reads_never_stalls_requests(
     else:
         assert not drops
     assert records[-1]["event"] == "stopped"  # shutdown drained what was queued once stdout moved
+
+
+def scrape(admin: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        return str(response.read().decode())
 
 
 class TruncatingUpstream:
