@@ -89,8 +89,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         server.serving = serving
         # Sampling and propagation follow a reload at once; a new export target gets a new exporter.
         tracer.configure(serving.snapshot.tracing, serving.snapshot.service, span_batcher)
-        if previous is not None and previous.snapshot.logs.level != serving.snapshot.logs.level:
-            tlogging.configure(serving.snapshot.logs.level, serving.snapshot.service)
+        old, new = (previous.snapshot if previous else None), serving.snapshot
+        if old is not None and (old.logs.level, old.service) != (new.logs.level, new.service):
+            tlogging.configure(new.logs.level, new.service)  # a renamed service: log lines must follow the spans
 
     store = SnapshotStore(upstreams, metrics, publish)
     source = FileSource(config_path, store)

@@ -34,7 +34,3 @@ class AccessLog:
         fields["timestamp"] = iso_utc(time.time())
         fields["service"] = service
         self._writer.write_batched(_encode(fields))
-
-    def flush(self) -> None:
-        """Have the writer's thread write what is queued now. Never blocks."""
-        self._writer.wake()

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
+
 from telemetry.otlp import encode_request
 from telemetry.settings import TracingSettings
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Sender", "SpanBatcher", "span_batcher"]
 
-log = logging.getLogger("meshgate.tracing")
+log = structlog.get_logger("meshgate.tracing")
 
 # Spans per export request (the SDK's default batch size).
 BATCH = 512
@@ -44,7 +46,7 @@ class Sender(Protocol):
 
 class SpanBatcher:
     """Queue finished spans; export them in batches from a thread of its own. Counts what it exported, dropped and
-    failed to deliver (``meshgate_tracing_spans_total``)."""
+    failed to deliver (``meshgate_tracing_spans_total``); logs when export starts and stops failing."""
 
     def __init__(
         self,
@@ -62,14 +64,26 @@ class SpanBatcher:
         self._batch = min(batch, max_queue)
         self._queue: deque[Span] = deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()  # set whenever the queue is empty and nothing is being sent
-        self._idle.set()
+        # Spans accepted (by the loop) and spans done with (by the thread), for flush(): it waits for the second to
+        # reach what the first was when it was called. Each counter has a single writer.
+        self._accepted = 0
+        self._done = 0
+        self._progress = threading.Condition()
         self._stopping = False
+        self._failing = False
         self.exported = 0
         self.dropped = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="meshgate-span-export", daemon=True)
         self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        """The export thread has ended: the counts are final."""
+        return not self._thread.is_alive()
+
+    def counts(self) -> dict[str, int]:
+        return {"exported": self.exported, "dropped": self.dropped, "failed": self.failed}
 
     def add(self, span: Span) -> None:
         """Called on the event loop for every finished recording span: an append, and rarely a wake-up."""
@@ -78,36 +92,38 @@ class SpanBatcher:
             self.dropped += 1
             return
         queue.append(span)
-        self._idle.clear()
+        self._accepted += 1
         if len(queue) == self._batch:
             self._wake.set()  # a full batch waits: send now rather than at the next tick
 
     def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s until everything queued so far was sent (or failed). Blocking."""
+        """Wait up to ``timeout`` s until every span accepted so far was sent (or failed). Blocking."""
+        target = self._accepted
         self._wake.set()
-        return self._idle.wait(timeout)
+        with self._progress:
+            return self._progress.wait_for(lambda: self._done >= target, timeout)
 
     def shutdown(self, timeout: float) -> None:
-        """Send what is queued within ``timeout`` s, then stop; a send still stuck ends with the process (daemon)."""
+        """Send what is queued within ``timeout`` s, then stop. A send still stuck then is cut short by closing the
+        sender (the exporters abort their retry waits on shutdown); the daemon thread ends with it or the process."""
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         self._stopping = True
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if not self._thread.is_alive():
+        if not self.stopped:
             self._sender.close()
 
     def _run(self) -> None:
         queue = self._queue
-        while True:
-            self._wake.wait(self._delay)
-            self._wake.clear()
-            while queue:
-                batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-                self._send(batch)
-            self._idle.set()
-            if self._stopping:
-                return
+        try:
+            while not self._stopping or queue:
+                self._wake.wait(self._delay)
+                self._wake.clear()
+                while queue:
+                    self._send([queue.popleft() for _ in range(min(self._batch, len(queue)))])
+        finally:
+            self._sender.close()
 
     def _send(self, batch: list[Span]) -> None:
         try:
@@ -119,6 +135,15 @@ class SpanBatcher:
             self.exported += len(batch)
         else:
             self.failed += len(batch)
+        if delivered == self._failing:  # a change of state: say it once, not per batch
+            self._failing = not delivered
+            if self._failing:
+                log.warning("span_export_failing", spans=len(batch), counted_in="meshgate_tracing_spans_total")
+            else:
+                log.info("span_export_recovered")
+        with self._progress:
+            self._done += len(batch)
+            self._progress.notify_all()
 
 
 class _HttpSender:
@@ -179,7 +204,7 @@ def span_batcher(settings: TracingSettings, resource: bytes, scope: bytes) -> Sp
     """The batcher for ``settings``: its sender, encoding with this process's resource and scope."""
     sender: Sender = _grpc_sender(settings) if settings.protocol == "grpc" else _HttpSender(settings)
     # The exporters log a line per failed export: during a collector outage that floods the gateway's own log.
-    # Failures are counted in meshgate_tracing_spans_total{result="failed"} instead; errors still come through.
+    # The batcher logs the change of state once instead, and counts every span in meshgate_tracing_spans_total.
     logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
     return SpanBatcher(
         sender,

@@ -20,15 +20,18 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from telemetry.tracing import Span
 
-__all__ = ["encode_request", "encode_resource", "encode_scope"]
+__all__ = ["AttributeValue", "encode_request", "encode_resource", "encode_scope"]
 
 AttributeValue = str | bool | int | float
+
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
 
 _pack_fixed64 = struct.Struct("<Q").pack
 _pack_double = struct.Struct("<d").pack
 
-# The span flags the SDK sets (trace.proto SpanFlags): the low byte is the W3C trace flags (sampled); bit 8 says the
-# "parent is remote" bit (9) is known.
+# Span.flags (trace.proto SpanFlags): the low byte is the W3C trace flags (sampled), which SDK 1.45 leaves out;
+# bit 8 says the "parent is remote" bit (9) is known, as the SDK sets it.
 _FLAG_SAMPLED: Final = 0x01
 _FLAG_HAS_IS_REMOTE: Final = 0x100
 _FLAG_IS_REMOTE: Final = 0x200
@@ -58,13 +61,21 @@ def _delimited(tag: bytes, payload: bytes) -> bytes:
     return tag + _length(len(payload)) + payload
 
 
+def _utf8(text: str) -> bytes:
+    """Protobuf strings must be valid UTF-8. Header values reach attributes (User-Agent, Host) and aiohttp decodes
+    them with ``surrogateescape``, so a client's stray byte would otherwise fail the encoding of a whole batch."""
+    return text.encode("utf-8", "replace")
+
+
 def _any_value(value: AttributeValue | Sequence[AttributeValue]) -> bytes:
     """AnyValue: string_value = 1, bool_value = 2, int_value = 3, double_value = 4, array_value = 5."""
     if isinstance(value, str):
-        return _delimited(b"\x0a", value.encode())
+        return _delimited(b"\x0a", _utf8(value))
     if isinstance(value, bool):  # before int: a bool is an int
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            return _delimited(b"\x0a", str(value).encode())  # beyond int64: as text rather than wrapped around
         return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: negatives as two's complement
     if isinstance(value, float):
         return b"\x21" + _pack_double(value)
@@ -77,14 +88,14 @@ _key_values: dict[tuple[str, object, type], bytes] = {}
 
 def _key_value(key: str, value: AttributeValue | Sequence[AttributeValue]) -> bytes:
     """KeyValue { string key = 1; AnyValue value = 2 }, without its own field tag."""
-    if not isinstance(value, str | int | float):  # a list: unhashable, and rare
-        return _delimited(b"\x0a", key.encode()) + _delimited(b"\x12", _any_value(value))
+    if not isinstance(value, str | int):  # a float (-0.0 == 0.0, NaN != NaN) or a list: rare, not cached
+        return _delimited(b"\x0a", _utf8(key)) + _delimited(b"\x12", _any_value(value))
     # The value's class is part of the key because 1 and True are equal dict keys but encode differently.
     cache_key = (key, value, type(value))
     cached = _key_values.get(cache_key)
     if cached is not None:
         return cached
-    encoded = _delimited(b"\x0a", key.encode()) + _delimited(b"\x12", _any_value(value))
+    encoded = _delimited(b"\x0a", _utf8(key)) + _delimited(b"\x12", _any_value(value))
     if len(str(value)) <= _CACHE_VALUE_MAX:
         if len(_key_values) >= _CACHE_ENTRIES:
             _key_values.clear()  # crude, but bounded; refills with the hot entries at once
@@ -105,7 +116,7 @@ def encode_resource(attributes: Mapping[str, AttributeValue]) -> bytes:
 
 def encode_scope(name: str, version: str = "") -> bytes:
     """InstrumentationScope { string name = 1; string version = 2 }."""
-    return _delimited(b"\x0a", name.encode()) + (_delimited(b"\x12", version.encode()) if version else b"")
+    return _delimited(b"\x0a", _utf8(name)) + (_delimited(b"\x12", _utf8(version)) if version else b"")
 
 
 def _span(span: Span) -> bytes:
@@ -120,7 +131,7 @@ def _span(span: Span) -> bytes:
     if span.parent_id:
         parts += (b"\x22\x08", span.parent_id.to_bytes(8, "big"))
     parts += (
-        _delimited(b"\x2a", span.name.encode()),
+        _delimited(b"\x2a", _utf8(span.name)),
         b"\x30",
         _SMALL[span.kind.value + 1],  # the SDK's SpanKind starts at INTERNAL = 0; the proto's at UNSPECIFIED = 0
         b"\x39",
@@ -131,7 +142,7 @@ def _span(span: Span) -> bytes:
     )
     for name, time_ns, attributes in span.events:
         # Event { fixed64 time_unix_nano = 1; string name = 2; repeated KeyValue attributes = 3 }
-        event = b"\x09" + _pack_fixed64(time_ns) + _delimited(b"\x12", name.encode()) + _attributes(b"\x1a", attributes)
+        event = b"\x09" + _pack_fixed64(time_ns) + _delimited(b"\x12", _utf8(name)) + _attributes(b"\x1a", attributes)
         parts.append(_delimited(b"\x5a", event))
     # Status { string message = 2; StatusCode code = 3 }: ERROR = 2; UNSET is the empty message.
     parts.append(b"\x7a\x02\x18\x02" if span.error else b"\x7a\x00")

@@ -11,12 +11,13 @@ new trace, and so does B3. An all-zero trace or span id is invalid (both specs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from multidict import MultiMapping
 
 from telemetry.settings import Propagator
 
-__all__ = ["Parent", "extract", "format_b3", "format_traceparent", "inject_headers"]
+__all__ = ["B3_MULTI", "Parent", "extract", "format_b3", "format_traceparent", "inject_headers"]
 
 _HEX = frozenset("0123456789abcdef")
 # The W3C limits: 32 list members; vendors cap the header at 512 bytes, which is what we forward at most.
@@ -84,7 +85,7 @@ def parse_b3_single(value: str) -> Parent | None:
     return Parent(trace_id, span_id, _b3_sampled(parts[2]) if len(parts) > 2 else None)
 
 
-def parse_b3_multi(headers: Mapping[str, str]) -> Parent | None:
+def parse_b3_multi(headers: MultiMapping[str]) -> Parent | None:
     trace, span = headers.get("x-b3-traceid"), headers.get("x-b3-spanid")
     if trace is None or span is None:
         return None
@@ -95,15 +96,19 @@ def parse_b3_multi(headers: Mapping[str, str]) -> Parent | None:
     return Parent(trace_id, span_id, sampled)
 
 
-def extract(headers: Mapping[str, str], propagators: tuple[Propagator, ...]) -> Parent | None:
-    """The client's span context: ``traceparent`` first (it is the standard), then B3 if configured."""
+def extract(headers: MultiMapping[str], propagators: tuple[Propagator, ...]) -> Parent | None:
+    """The client's span context: ``traceparent`` first (it is the standard), then B3 if configured.
+
+    ``tracestate`` is kept only with a valid ``traceparent`` (W3C: discard it otherwise); several ``tracestate``
+    headers are one list, joined with commas.
+    """
     value = headers.get("traceparent")
     if value is not None:
         parent = parse_traceparent(value)
         if parent is not None:
-            state = headers.get("tracestate")
-            if state is not None and len(state) <= _MAX_TRACESTATE:
-                return Parent(parent.trace_id, parent.span_id, parent.sampled, state)
+            state = ",".join(headers.getall("tracestate", ()))
+            if state and len(state) <= _MAX_TRACESTATE:
+                return replace(parent, tracestate=state)
             return parent
     if "b3" in propagators:
         value = headers.get("b3")

@@ -21,7 +21,7 @@ PROPAGATORS: tuple[Propagator, ...] = ("tracecontext", "baggage", "b3", "b3multi
 class TracingSettings:
     """Where and how spans are exported, which new traces are sampled, which headers carry the context."""
 
-    otlp_endpoint: str  # http/protobuf: the full traces URL (``/v1/traces`` appended by the compiler); grpc: host:port
+    otlp_endpoint: str  # http/protobuf: the full traces URL (the compiler appends ``/v1/traces``); grpc: http(s)://h:p
     protocol: Protocol = "http/protobuf"
     sample_ratio: float = 1.0  # share of new (root) traces recorded; a sampled parent is always followed
     max_traces_per_second: float | None = None  # cap on new sampled traces per second; None = no cap

@@ -21,22 +21,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
+import structlog
+from multidict import MultiMapping
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 
 from telemetry.export import SpanBatcher
-from telemetry.otlp import encode_resource, encode_scope
+from telemetry.otlp import AttributeValue, encode_resource, encode_scope
 from telemetry.propagation import Parent, extract, inject_headers
 from telemetry.sampling import Sampler
 from telemetry.settings import Propagator, TracingSettings
 
 __all__ = ["Attributes", "BatcherFactory", "Span", "Tracer"]
 
-AttributeValue = str | bool | int | float | Sequence[str]
-Attributes = dict[str, AttributeValue]
+Attributes = dict[str, AttributeValue | Sequence[AttributeValue]]
 Event = tuple[str, int, Attributes | None]  # name, time (ns since the epoch), attributes
 # Builds the exporting batcher for a settings value, given the encoded resource and scope; a seam for tests.
 BatcherFactory = Callable[[TracingSettings, bytes, bytes], SpanBatcher]
+
+log = structlog.get_logger("meshgate.tracing")
 
 _SCOPE: Final = encode_scope("meshgate")
 _DEFAULT_PROPAGATORS: tuple[Propagator, ...] = ("tracecontext", "baggage")
@@ -123,8 +126,11 @@ class Tracer:
         self._propagators = _DEFAULT_PROPAGATORS
         self._service = ""
         self._resource = b""
-        # Counts of batchers already replaced, so the exported totals never go down across reloads.
-        self._retired = (0, 0, 0)
+        # Batchers replaced by a reload, still sending what they held; then their final counts. Both are read and
+        # changed on the event loop only (``counts`` folds a retired batcher in once its thread is gone), so the
+        # exported totals never go down across reloads and no update races the export threads.
+        self._retiring: list[SpanBatcher] = []
+        self._retired = {"exported": 0, "dropped": 0, "failed": 0}
 
     @property
     def propagators(self) -> tuple[Propagator, ...]:
@@ -136,36 +142,42 @@ class Tracer:
 
     def counts(self) -> Mapping[str, int]:
         """Spans ``exported``, ``dropped`` (queue full) and ``failed`` (the collector did not take them), so far."""
-        exported, dropped, failed = self._retired
-        if self._batcher is not None:
-            exported += self._batcher.exported
-            dropped += self._batcher.dropped
-            failed += self._batcher.failed
-        return {"exported": exported, "dropped": dropped, "failed": failed}
+        for batcher in [b for b in self._retiring if b.stopped]:
+            self._retiring.remove(batcher)
+            for key, value in batcher.counts().items():
+                self._retired[key] += value
+        totals = dict(self._retired)
+        for batcher in (*self._retiring, *([self._batcher] if self._batcher is not None else [])):
+            for key, value in batcher.counts().items():
+                totals[key] += value
+        return totals
 
     def configure(self, settings: TracingSettings | None, service: str, batcher_factory: BatcherFactory) -> None:
-        service_changed = service != self._service
-        if service_changed:
-            self._service = service
+        """Apply a snapshot's tracing settings. If the new exporter cannot be built, nothing changes (logged)."""
+        if settings == self._settings and service == self._service:
+            return
+        resource = self._resource
+        if service != self._service:
             # Resource.create adds the SDK's standard attributes and OTEL_RESOURCE_ATTRIBUTES; encoded once here.
-            resource = Resource.create({"service.name": service, "service.instance.id": _instance_id()})
-            scalars = {k: v for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)}
-            self._resource = encode_resource(scalars)
-        if settings == self._settings and not service_changed:
-            return
-        old, self._settings = self._settings, settings
-        if settings is None:
-            self._sampler = Sampler(0.0)
-            self._propagators = _DEFAULT_PROPAGATORS
-        else:
-            self._sampler = Sampler(settings.sample_ratio, settings.max_traces_per_second)
-            self._propagators = settings.propagators
-        if old is not None and settings is not None and _same_export(old, settings) and not service_changed:
-            return
-        previous = self._batcher
-        self._batcher = batcher_factory(settings, self._resource, _SCOPE) if settings is not None else None
-        if previous is not None:
-            self._retire(previous)
+            attributes = Resource.create({"service.name": service, "service.instance.id": _instance_id()}).attributes
+            resource = encode_resource({k: v for k, v in attributes.items() if isinstance(v, str | bool | int | float)})
+        batcher = self._batcher
+        rebuild = resource != self._resource or not (
+            self._settings is not None and settings is not None and _same_export(self._settings, settings)
+        )
+        if rebuild:
+            try:
+                batcher = batcher_factory(settings, resource, _SCOPE) if settings is not None else None
+            except Exception:  # e.g. a bad OTEL_EXPORTER_OTLP_* variable: keep tracing as it was
+                log.exception("tracing_exporter_failed", endpoint=settings.otlp_endpoint if settings else None)
+                return
+        # Everything built: commit at once.
+        if rebuild and self._batcher is not None:
+            self._retire(self._batcher)
+        self._batcher = batcher
+        self._settings, self._service, self._resource = settings, service, resource
+        self._sampler = Sampler(settings.sample_ratio, settings.max_traces_per_second) if settings else Sampler(0.0)
+        self._propagators = settings.propagators if settings is not None else _DEFAULT_PROPAGATORS
 
     def shutdown(self, timeout: float) -> None:
         """Send what is queued, waiting at most ``timeout`` seconds, then stop exporting. Blocking: off the loop."""
@@ -174,16 +186,14 @@ class Tracer:
             batcher.shutdown(timeout)
 
     def _retire(self, batcher: SpanBatcher) -> None:
-        def stop() -> None:
-            batcher.shutdown(_RETIRE_TIMEOUT)
-            exported, dropped, failed = self._retired
-            self._retired = (exported + batcher.exported, dropped + batcher.dropped, failed + batcher.failed)
-
-        threading.Thread(target=stop, name="meshgate-span-export-retire", daemon=True).start()
+        self._retiring.append(batcher)
+        threading.Thread(
+            target=batcher.shutdown, args=(_RETIRE_TIMEOUT,), name="meshgate-span-export-retire", daemon=True
+        ).start()
 
     # --- per request ---------------------------------------------------------------------------------------------
 
-    def start_server(self, headers: Mapping[str, str], now: float) -> tuple[Span, Parent | None]:
+    def start_server(self, headers: MultiMapping[str], now: float) -> tuple[Span, Parent | None]:
         """The SERVER span for a request, continuing the client's trace when it sent one."""
         getrandbits = self._ids.getrandbits
         parent = extract(headers, self._propagators)

@@ -105,6 +105,10 @@ def _endpoint(value: str, protocol: str, path: str, problems: Problems) -> str |
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         problems.add(path, f'expected an http:// or https:// URL like "http://127.0.0.1:4318", got "{value}"')
         return None
+    if parts.username is not None or parts.password is not None:
+        # It would be shown by /config and logged; OTLP credentials travel in headers, not in the URL.
+        problems.add(path, "must not carry credentials (set OTEL_EXPORTER_OTLP_TRACES_HEADERS instead)")
+        return None
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:

@@ -96,8 +96,9 @@ class Forward:
                 endpoint = self._pick(ctx, runtime, None)
                 url = self._url(ctx, rewrite_path(route, ctx.path), endpoint)
                 headers = self._headers(ctx)
-                # The upstream continues the trace; the session itself is not a span (it may last for hours).
-                headers.update(self._tracer.context_headers(self._tracer.start_client(ctx.span), ctx.parent))
+                # The upstream continues the trace as a child of the SERVER span; the session itself is not a CLIENT
+                # span (it may last for hours).
+                headers.update(self._tracer.context_headers(ctx.span, ctx.parent))
                 return await proxy_websocket(ctx, runtime.session, url, headers)
             return await self._attempts(ctx, route, runtime, body, exhausted_is_error)
         finally:
@@ -151,6 +152,7 @@ class Forward:
             except BaseException:  # cancelled: the client went away
                 endpoint.abandon()
                 endpoint.breaker.on_abandon(loop.time())
+                self._observe(ctx, method, runtime.name, "", "cancelled", loop.time() - now, client)
                 if client.recording:
                     self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, "cancelled", ())
                 raise
@@ -159,7 +161,7 @@ class Forward:
             if isinstance(outcome, str):  # a failure kind
                 endpoint.abandon()  # not finish(): a fast failure must not make a broken endpoint look fast
                 changed = runtime.record(endpoint, True, loop.time())
-                self._observe(method, runtime.name, "", outcome, elapsed, client)
+                self._observe(ctx, method, runtime.name, "", outcome, elapsed, client)
                 if client.recording:
                     self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, outcome, changed)
                 if ctx.body_error is not None:
@@ -179,7 +181,7 @@ class Forward:
                 continue
             status = outcome.status
             changed = runtime.record(endpoint, status >= 500, loop.time())
-            self._observe(method, runtime.name, str(status), "", elapsed, client)
+            self._observe(ctx, method, runtime.name, str(status), "", elapsed, client)
             if client.recording:
                 error_type = str(status) if status >= 400 else ""
                 self._end_client(client, method, runtime.name, endpoint, path, attempt, status, error_type, changed)
@@ -289,17 +291,22 @@ class Forward:
             request_id=ctx.request_id,
             host_override=route.rewrite.host if route.rewrite is not None else None,
         )
+        # The client's context headers are replaced by ours on every attempt. Dropped first, so that none survives
+        # next to them: a tracestate sent with an invalid (so ignored) traceparent, or a stale X-B3-ParentSpanId
+        # next to our X-B3-SpanId, would describe another tree.
+        stale: tuple[str, ...] = ("traceparent", "tracestate")
         if "b3" in self._tracer.propagators or "b3multi" in self._tracer.propagators:
-            # With B3 on, the client's B3 headers are replaced by ours, parent and flags included: a stale
-            # X-B3-ParentSpanId next to our X-B3-SpanId would describe a different tree.
-            for name in ("b3", *B3_MULTI):
-                headers.popall(name, None)
+            stale += ("b3", *B3_MULTI)
+        for name in stale:
+            headers.popall(name, None)
         return headers
 
-    def _observe(self, method: str, upstream: str, status: str, error: str, elapsed: float, client: Span) -> None:
+    def _observe(
+        self, ctx: RequestContext, method: str, upstream: str, status: str, error: str, elapsed: float, client: Span
+    ) -> None:
         histogram = self._metrics.client_duration.labels(method, upstream, status, error)
-        if client.recording:
-            histogram.observe(elapsed, {"trace_id": f"{client.trace_id:032x}", "span_id": client.span_hex})
+        if client.recording and ctx.serving.snapshot.metrics.exemplars:
+            histogram.observe(elapsed, {"trace_id": ctx.trace_id, "span_id": client.span_hex})
         else:
             histogram.observe(elapsed)
 

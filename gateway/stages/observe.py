@@ -123,8 +123,9 @@ class Observe:
             attributes["meshgate.reason"] = ctx.reason
         if ctx.fallback:
             attributes["meshgate.fallback"] = ctx.fallback
-        if status >= 500:
-            # The convention: a 5xx is an error on the server span (a 4xx is the client's, and not).
+        if status >= 500 or ctx.reason == "upstream_reset":
+            # The convention: a 5xx is an error on the server span (a 4xx is the client's, and not); so is an
+            # upstream that broke off mid-body, though a 2xx status had gone out.
             attributes["error.type"] = ctx.reason or str(status)
             ctx.span.error = True
         self._tracer.end(ctx.span, name, attributes)

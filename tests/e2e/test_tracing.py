@@ -293,6 +293,19 @@ def test_client_trace_context_is_continued_to_the_upstream(gw: Gateway, receiver
     assert baggage == {"tenant": "acme", "tier": "gold"}
 
 
+def test_an_invalid_traceparent_starts_a_new_trace_without_the_clients_tracestate(
+    gw: Gateway, receiver: OtlpHttpReceiver
+) -> None:
+    reply = fetch(gw, "/echo/invalid-parent", {"traceparent": "00-not-a-trace-01", "tracestate": "rojo=1"})
+    assert reply.status == 200, reply.body
+    upstream = reply.upstream_headers()
+    sent = parse_traceparent(upstream["traceparent"])
+    server = server_span(receiver, reply.request_id)
+    assert server.parent_span_id == ""  # a root span: the invalid header was ignored (W3C)
+    assert sent["trace_id"] == server.trace_id
+    assert "tracestate" not in upstream  # it belonged to the discarded context
+
+
 def test_an_unsampled_client_trace_is_propagated_but_not_recorded(gw: Gateway, receiver: OtlpHttpReceiver) -> None:
     # Parent-based sampling: the client decided "not sampled" (flags 00), so the gateway records nothing of it,
     # yet the upstream still gets the trace (same id, flags 00) so its own logs can be correlated.

@@ -354,6 +354,10 @@ TELEMETRY = [
         'telemetry.tracing.otlp_endpoint: bad port in "http://127.0.0.1:99999"',
     ),
     case(
+        {"telemetry.tracing": {"otlp_endpoint": "https://user:s3cret@collector:4318"}},
+        "telemetry.tracing.otlp_endpoint: must not carry credentials (set OTEL_EXPORTER_OTLP_TRACES_HEADERS instead)",
+    ),
+    case(
         {"telemetry.tracing": {"otlp_endpoint": "http://c:4317/v1/traces", "protocol": "grpc"}},
         "telemetry.tracing.otlp_endpoint: a gRPC endpoint has no path (host and port only)",
     ),

@@ -112,3 +112,15 @@ def test_cached_values_keep_their_type() -> None:
     values = [s.attributes[0].value for s in decoded.resource_spans[0].scope_spans[0].spans]
     assert values[0].WhichOneof("value") == "int_value"
     assert values[1].WhichOneof("value") == "bool_value"
+
+
+def test_undecodable_header_bytes_and_huge_ints_never_break_a_batch() -> None:
+    # aiohttp decodes header bytes with surrogateescape: a client's stray byte in User-Agent arrives like this.
+    rng = random.Random(2)
+    span = make_span(
+        rng, SpanKind.SERVER, {"user_agent.original": "ab\udcff", "big": 2**64 + 5}, parent=0, remote=False
+    )
+    decoded = ExportTraceServiceRequest.FromString(encode_request([span], b"", encode_scope("m")))
+    attributes = {a.key: a.value for a in decoded.resource_spans[0].scope_spans[0].spans[0].attributes}
+    assert attributes["user_agent.original"].string_value == "ab?"
+    assert attributes["big"].string_value == str(2**64 + 5)  # as text, not wrapped around to 5

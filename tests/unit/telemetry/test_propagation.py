@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict
 
 from telemetry.propagation import (
     Parent,
@@ -92,7 +93,7 @@ def test_b3_single(value: str, expected: Parent | None) -> None:
     ],
 )
 def test_b3_multi(headers: dict[str, str], expected: Parent | None) -> None:
-    assert parse_b3_multi(headers) == expected
+    assert parse_b3_multi(CIMultiDict(headers)) == expected
 
 
 def test_extract_prefers_traceparent_and_keeps_tracestate() -> None:
@@ -101,24 +102,24 @@ def test_extract_prefers_traceparent_and_keeps_tracestate() -> None:
         "tracestate": "vendor=abc,other=1",
         "b3": f"{'1' * 32}-{'2' * 16}-1",
     }
-    parent = extract(headers, B3)
+    parent = extract(CIMultiDict(headers), B3)
     assert parent == Parent(int(TRACE, 16), int(SPAN, 16), True, "vendor=abc,other=1")
 
 
 def test_extract_ignores_oversized_tracestate() -> None:
-    parent = extract({"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "a=" + "x" * 600}, W3C)
+    parent = extract(CIMultiDict({"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "a=" + "x" * 600}), W3C)
     assert parent is not None
     assert parent.tracestate is None
 
 
 def test_extract_b3_only_when_configured() -> None:
-    headers = {"b3": f"{TRACE}-{SPAN}-1"}
+    headers = CIMultiDict({"b3": f"{TRACE}-{SPAN}-1"})
     assert extract(headers, W3C) is None
     assert extract(headers, B3) == Parent(int(TRACE, 16), int(SPAN, 16), True)
 
 
 def test_extract_falls_back_to_b3_when_traceparent_is_invalid() -> None:
-    headers = {"traceparent": "garbage", "x-b3-traceid": TRACE, "x-b3-spanid": SPAN, "x-b3-sampled": "1"}
+    headers = CIMultiDict({"traceparent": "garbage", "x-b3-traceid": TRACE, "x-b3-spanid": SPAN, "x-b3-sampled": "1"})
     assert extract(headers, ("tracecontext", "b3multi")) == Parent(int(TRACE, 16), int(SPAN, 16), True)
     assert extract(headers, W3C) is None
 
@@ -145,3 +146,14 @@ def test_format_round_trips() -> None:
     value = format_traceparent(int(TRACE, 16), int(SPAN, 16), True)
     assert value == f"00-{TRACE}-{SPAN}-01"
     assert parse_traceparent(value) == Parent(int(TRACE, 16), int(SPAN, 16), True)
+
+
+def test_several_tracestate_headers_are_one_list() -> None:
+    headers = CIMultiDict([("traceparent", f"00-{TRACE}-{SPAN}-01"), ("tracestate", "a=1"), ("TraceState", "b=2")])
+    parent = extract(headers, W3C)
+    assert parent is not None
+    assert parent.tracestate == "a=1,b=2"
+
+
+def test_tracestate_without_a_valid_traceparent_is_discarded() -> None:
+    assert extract(CIMultiDict({"traceparent": "garbage", "tracestate": "a=1"}), W3C) is None

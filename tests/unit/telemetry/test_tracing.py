@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Sequence
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.trace import SpanKind
 
 from telemetry.export import SpanBatcher
@@ -19,6 +20,7 @@ from telemetry.tracing import Span, Tracer
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
 SETTINGS = TracingSettings("http://collector:4318/v1/traces")
+NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class Recorded:
@@ -67,7 +69,7 @@ def tracer_with(settings: TracingSettings | None, batchers: Batchers) -> Tracer:
 def test_without_tracing_ids_exist_but_nothing_is_recorded() -> None:
     batchers = Batchers()
     tracer = tracer_with(None, batchers)
-    span, parent = tracer.start_server({}, 0.0)
+    span, parent = tracer.start_server(NO_HEADERS, 0.0)
     assert parent is None
     assert span.trace_id
     assert span.span_id
@@ -80,7 +82,7 @@ def test_without_tracing_ids_exist_but_nothing_is_recorded() -> None:
 
 def test_without_tracing_a_sampled_client_trace_is_still_continued_as_sampled() -> None:
     tracer = tracer_with(None, Batchers())
-    span, parent = tracer.start_server({"traceparent": f"00-{TRACE}-{SPAN}-01"}, 0.0)
+    span, parent = tracer.start_server(CIMultiDict({"traceparent": f"00-{TRACE}-{SPAN}-01"}), 0.0)
     assert parent is not None
     assert span.trace_hex == TRACE
     assert span.sampled
@@ -93,7 +95,9 @@ def test_without_tracing_a_sampled_client_trace_is_still_continued_as_sampled() 
 def test_finished_spans_are_queued_with_links_names_and_events() -> None:
     batchers = Batchers()
     tracer = tracer_with(SETTINGS, batchers)
-    server, parent = tracer.start_server({"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "v=1"}, 0.0)
+    server, parent = tracer.start_server(
+        CIMultiDict({"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "v=1"}), 0.0
+    )
     assert server.recording
     client = tracer.start_client(server)
     client.event("breaker.tripped", {"meshgate.endpoint": "10.0.0.1:80"})
@@ -136,7 +140,7 @@ def test_the_resource_names_the_service() -> None:
 def test_unsampled_requests_record_nothing() -> None:
     batchers = Batchers()
     tracer = tracer_with(TracingSettings(SETTINGS.otlp_endpoint, sample_ratio=0.0), batchers)
-    span, _ = tracer.start_server({}, 0.0)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
     assert not span.sampled
     assert not span.recording
     span.event("retry")
@@ -147,7 +151,7 @@ def test_unsampled_requests_record_nothing() -> None:
 
 def test_client_unsampled_decision_is_followed() -> None:
     tracer = tracer_with(SETTINGS, Batchers())
-    span, _ = tracer.start_server({"traceparent": f"00-{TRACE}-{SPAN}-00"}, 0.0)
+    span, _ = tracer.start_server(CIMultiDict({"traceparent": f"00-{TRACE}-{SPAN}-00"}), 0.0)
     assert not span.sampled
     assert not span.recording
 
@@ -157,14 +161,14 @@ def test_reload_keeps_the_batcher_when_only_sampling_changes() -> None:
     tracer = tracer_with(SETTINGS, batchers)
     tracer.configure(TracingSettings(SETTINGS.otlp_endpoint, sample_ratio=0.0), "orders", batchers)
     assert len(batchers.built) == 1
-    span, _ = tracer.start_server({}, 0.0)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
     assert not span.sampled
 
 
 def test_reload_with_a_new_endpoint_builds_a_new_batcher_and_retires_the_old() -> None:
     batchers = Batchers()
     tracer = tracer_with(SETTINGS, batchers)
-    span, _ = tracer.start_server({}, 0.0)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
     tracer.end(span, "GET", {})
     tracer.configure(TracingSettings("http://other:4318/v1/traces"), "orders", batchers)
     assert len(batchers.built) == 2
@@ -173,7 +177,7 @@ def test_reload_with_a_new_endpoint_builds_a_new_batcher_and_retires_the_old() -
     old._thread.join(5.0)
     assert not old._thread.is_alive()
     assert batchers.spans(0) == [span]
-    span, _ = tracer.start_server({}, 0.0)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
     tracer.end(span, "GET", {})
     assert batchers.spans(1) == [span]
     deadline = time.monotonic() + 5.0  # the retiring thread adds the old batcher's counts once it has stopped
@@ -186,13 +190,30 @@ def test_tracing_removed_on_reload_stops_recording() -> None:
     batchers = Batchers()
     tracer = tracer_with(SETTINGS, batchers)
     tracer.configure(None, "orders", batchers)
-    span, _ = tracer.start_server({}, 0.0)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
     assert not span.recording
     assert not tracer.exporting
 
 
 def test_ids_are_random_and_never_zero() -> None:
     tracer = tracer_with(None, Batchers())
-    spans = [tracer.start_server({}, 0.0)[0] for _ in range(1000)]
+    spans = [tracer.start_server(NO_HEADERS, 0.0)[0] for _ in range(1000)]
     assert len({s.trace_id for s in spans}) == 1000
     assert all(s.trace_id and s.span_id for s in spans)
+
+
+def test_an_exporter_that_cannot_be_built_leaves_tracing_as_it_was() -> None:
+    batchers = Batchers()
+    tracer = tracer_with(SETTINGS, batchers)
+
+    def broken(settings: TracingSettings, resource: bytes, scope: bytes) -> SpanBatcher:
+        raise ValueError("bad OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+
+    tracer.configure(TracingSettings("http://other:4318/v1/traces", sample_ratio=0.0), "orders", broken)
+    span, _ = tracer.start_server(NO_HEADERS, 0.0)
+    assert span.recording  # the old sampler and exporter still serve
+    tracer.end(span, "GET", {})
+    assert batchers.spans() == [span]
+    # The same settings again are retried, not skipped as "already applied".
+    tracer.configure(TracingSettings("http://other:4318/v1/traces", sample_ratio=0.0), "orders", batchers)
+    assert len(batchers.built) == 2
