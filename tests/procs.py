@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,16 +16,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_SCRIPT = ROOT / "examples" / "upstream.py"
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -218,3 +221,28 @@ def metric_sum(exposition: str, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
+    """The gateway's JSON log lines with this ``event`` (a line still being written is skipped)."""
+    found = []
+    for line in gw.log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            found.append(record)
+    return found
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)

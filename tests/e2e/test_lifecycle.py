@@ -17,21 +17,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
 from gateway.config.compile import compile_text
-from tests.procs import ROOT, Gateway, free_port, gateway
+from tests.procs import ROOT, Gateway, eventually, free_port, gateway, log_events
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
 RESTART_ONLY = "cannot change while running (restart meshgate to apply)"
 
 
@@ -55,31 +54,6 @@ def make_config(*endpoints: int, **extra: Any) -> dict[str, Any]:
 def config_hash(config: dict[str, Any]) -> str:
     """The hash /config must report for ``config``, computed by the same compiler the gateway runs."""
     return compile_text(yaml.safe_dump(config, sort_keys=False)).hash
-
-
-def log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
-    """The gateway's JSON log lines with this ``event`` (a line still being written is skipped)."""
-    found = []
-    for line in gw.log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:

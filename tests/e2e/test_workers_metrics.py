@@ -11,21 +11,19 @@ import json
 import os
 import signal
 import stat
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from tests.procs import Gateway, free_port, gateway, metric_sum
+from tests.procs import Gateway, eventually, free_port, gateway, log_events, metric_sum
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 COUNT = "http_server_request_duration_seconds_count"
 REQUESTS = 200
@@ -40,29 +38,6 @@ def make_config(endpoint: int, *, traced: bool = False) -> dict[str, Any]:
     if traced:  # every request sampled, so the latency buckets carry exemplars (nothing listens: export just fails)
         config["telemetry"] = {"tracing": {"otlp_endpoint": f"http://127.0.0.1:{free_port()}", "sample_ratio": 1.0}}
     return config
-
-
-def log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
-    found = []
-    for line in gw.log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line still being written
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def worker_sockets(gw: Gateway, workers: int) -> dict[int, str]:
