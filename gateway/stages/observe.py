@@ -59,11 +59,12 @@ class Observe:
         route = ctx.route.name if ctx.route is not None else "unmatched"
         method = ctx.request.method
         span = ctx.span
+        span_id = span.span_hex
         snapshot = ctx.serving.snapshot
         histogram = self._metrics.server_duration.labels(method, route, str(ctx.status))
         if span.recording and snapshot.metrics.exemplars:
             # Only sampled requests: an exemplar must point at a trace the backend actually has.
-            histogram.observe(elapsed, {"trace_id": ctx.trace_id, "span_id": span.span_hex})
+            histogram.observe(elapsed, {"trace_id": ctx.trace_id, "span_id": span_id})
         else:
             histogram.observe(elapsed)
         if snapshot.logs.access_log:
@@ -72,7 +73,7 @@ class Observe:
                 {
                     "request_id": ctx.request_id,
                     "trace_id": ctx.trace_id,
-                    "span_id": span.span_hex,
+                    "span_id": span_id,
                     "method": method,
                     "path": ctx.path or ctx.request.path,
                     "route": route,
