@@ -495,6 +495,26 @@ def test_latency_exemplars_are_sampled_trace_ids(gw: Gateway, receiver: OtlpHttp
     assert {exemplar.labels["trace_id"] for exemplar in exemplars} & newest
 
 
+def test_exemplars_can_be_turned_off(tmp_path: Path, upstream_a: int, receiver: OtlpHttpReceiver) -> None:
+    telemetry = {**tracing(receiver.endpoint), "metrics": {"exemplars": False}}
+    with gateway(tmp_path, simple_config("no-exemplars", upstream_a, telemetry)) as gw:
+        reply = fetch(gw, "/echo/plain")
+        server_span(receiver, reply.request_id)  # sampled and exported, yet no exemplar
+        request = urllib.request.Request(
+            f"{gw.admin_url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            text = response.read().decode()
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
+        for sample in family.samples
+        if sample.name.startswith(("http_server_request_duration_seconds", "http_client_request_duration_seconds"))
+    ]
+    assert samples
+    assert all(sample.exemplar is None for sample in samples)
+
+
 # --- sampling ----------------------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import structlog.testing
 from opentelemetry.trace import SpanKind
 
 from telemetry.export import SpanBatcher
@@ -102,3 +103,18 @@ def test_shutdown_is_bounded_by_its_timeout_and_refuses_later_spans() -> None:
     batcher.add(spans(1)[0])
     assert batcher.dropped == 1
     gate.set()
+
+
+def test_failing_and_recovering_export_is_logged_once_per_change() -> None:
+    sender = Sender(accept=False)
+    batcher = SpanBatcher(sender, encode, max_queue=100, delay=0.01, batch=1)
+    with structlog.testing.capture_logs() as logs:
+        for span in spans(3):  # three failed batches: one line
+            batcher.add(span)
+        assert batcher.flush(5.0)
+        sender.accept = True
+        for span in spans(2):  # two good batches: one line
+            batcher.add(span)
+        assert batcher.flush(5.0)
+    assert [entry["event"] for entry in logs] == ["span_export_failing", "span_export_recovered"]
+    batcher.shutdown(1.0)
