@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from gateway.config.compile import compile_text
-from tests.procs import ROOT, Gateway, eventually, free_port, gateway, log_events
+from tests.procs import ROOT, Gateway, children, eventually, free_port, gateway, log_events
 
 pytestmark = pytest.mark.e2e
 
@@ -390,23 +390,6 @@ async def test_admin_endpoints(tmp_path: Path, upstream_a: int, upstream_b: int)
 
 
 # --- --workers --------------------------------------------------------------------------------------------------
-
-
-def children(pid: int) -> dict[int, str]:
-    """``{pid: command line}`` of the live children of ``pid``, read from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may itself contain spaces
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found[int(entry.name)] = cmdline
-    return found
 
 
 def alive(pid: int) -> bool:

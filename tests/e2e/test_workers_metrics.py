@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from tests.procs import Gateway, eventually, free_port, gateway, log_events, metric_sum
+from tests.procs import Gateway, children, eventually, free_port, gateway, log_events, metric_sum
 
 pytestmark = pytest.mark.e2e
 
@@ -165,19 +165,3 @@ async def test_a_wedged_worker_makes_the_scrape_fail_not_lie(tmp_path: Path, ups
         status, _, text = await scraper(gw)("")
         assert status == 200
         assert metric_sum(text, COUNT, http_route="api") == 20
-
-
-def children(pid: int) -> dict[int, str]:
-    """``{pid: command line}`` of the live children of ``pid``, read from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found[int(entry.name)] = cmdline
-    return found
