@@ -1,0 +1,1 @@
+"""meshgate's policy half: JWT authentication and Rego authorization, with no dependency on ``gateway``."""
