@@ -3,7 +3,7 @@
 Pure: no I/O, no clock (reading the file and stamping ``version``/``source``/``loaded_at`` is the caller's job).
 Every section is decoded even after a problem is found, so the error lists everything wrong at once. This module
 owns the top level, ``limits`` and ``rate_limit_service``; ``routes.py``, ``clusters.py`` and ``telemetry.py`` own
-their sections.
+their sections, and ``policy.py`` the authn/authz ones.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Literal
 from gateway.config.clusters import ClusterSection, compile_clusters
 from gateway.config.document import canonical_hash, load_text, redact
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
+from gateway.config.policy import compile_policy
 from gateway.config.routes import compile_routes
 from gateway.config.schema import (
     Fields,
@@ -35,9 +36,20 @@ __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"
 DEFAULT_LISTEN = Address("127.0.0.1", 8080)
 DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 
-TOP_KEYS = ("service", "listen", "admin", "routes", "clusters", "limits", "telemetry", "rate_limit_service")
-# authn/authz above all must never be ignored: a gateway that drops its authn section serves everything fail-open.
-TOP_UNSUPPORTED = ("authn", "authz", "config_service", "tls", "mesh")
+TOP_KEYS = (
+    "service",
+    "listen",
+    "admin",
+    "routes",
+    "clusters",
+    "limits",
+    "telemetry",
+    "rate_limit_service",
+    "authn",
+    "authz",
+)
+# Never ignored silently: a gateway that dropped, say, its mesh section would serve plain text where mTLS was asked.
+TOP_UNSUPPORTED = ("config_service", "tls", "mesh")
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
 RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
@@ -74,6 +86,7 @@ def compile_document(document: object) -> Snapshot:
     # order the sections usually appear in a file.
     cluster_problems = Problems()
     section = _clusters(fields, cluster_problems)
+    policy = compile_policy(fields)
     routes = _routes(fields, section.names if section is not None else None)
     problems.extend(cluster_problems)
     limits = _limits(fields)
@@ -92,6 +105,8 @@ def compile_document(document: object) -> Snapshot:
         tracing=telemetry.tracing,
         metrics=telemetry.metrics,
         rate_limit_service=rate_limit_service,
+        authn=policy.authn,
+        authz=policy.authz,
         hash=canonical_hash(document),
         document=redact(document),
     )
@@ -110,7 +125,19 @@ def _routes(top: Fields, cluster_names: Collection[str] | None) -> list[Route]:
         return []
     # Only whether rate_limit_service is there matters to a route; its own problems are reported once, below.
     shared_limits = top.has("rate_limit_service")
-    return compile_routes(top.raw["routes"], top.problems, cluster_names, shared_limits=shared_limits)
+    # A route's default `auth` depends on which policy sections exist (they are checked on their own, above).
+    return compile_routes(
+        top.raw["routes"],
+        top.problems,
+        cluster_names,
+        shared_limits=shared_limits,
+        authn=top.has("authn"),
+        authz=top.has("authz") and _engine_named(top.raw["authz"]) != "none",
+    )
+
+
+def _engine_named(authz: object) -> object:
+    return authz.get("engine", "embedded") if isinstance(authz, Mapping) else None
 
 
 def _listeners(fields: Fields) -> tuple[Address, Address]:

@@ -24,7 +24,6 @@ from gateway.config.route_policies import (
 from gateway.config.schema import (
     NAME,
     NAME_HINT,
-    NOT_SUPPORTED,
     Decoder,
     Fields,
     Problems,
@@ -74,7 +73,13 @@ _timeout = duration(positive=True)
 
 
 def compile_routes(
-    value: object, problems: Problems, clusters: Collection[str] | None, *, shared_limits: bool
+    value: object,
+    problems: Problems,
+    clusters: Collection[str] | None,
+    *,
+    shared_limits: bool,
+    authn: bool = False,
+    authz: bool = False,
 ) -> list[Route]:
     """The routes, in file order. ``clusters`` = declared cluster names, or ``None`` to skip reference checks
     (the clusters section itself is broken, so every reference would be reported as unknown). ``shared_limits``:
@@ -82,7 +87,7 @@ def compile_routes(
     seen: dict[str, str] = {}
     routes: list[Route] = []
     for path, item in items(value, "routes", problems, empty="must have at least one route"):
-        route = _route(item, path, problems, clusters, seen, shared_limits)
+        route = _route(item, path, problems, clusters, seen, shared_limits, _default_auth(authn, authz), authn)
         if route is not None:
             routes.append(route)
     return routes
@@ -95,6 +100,8 @@ def _route(
     clusters: Collection[str] | None,
     seen: dict[str, str],
     shared_limits: bool,
+    default_auth: AuthMode,
+    authn: bool,
 ) -> Route | None:
     fields = Fields.of(item, path, problems, ROUTE_KEYS)
     if fields is None:
@@ -106,7 +113,7 @@ def _route(
     split = _split(fields, clusters)
     rewrite = _rewrite(fields, match)
     timeout = fields.optional("timeout", _timeout)
-    auth = _auth(fields)
+    auth = _auth(fields, default_auth, authn)
     retry = compile_retry(fields, timeout)
     rate_limit = compile_rate_limit(fields, shared_limits)
     fallback = compile_fallback(fields, split, clusters)
@@ -276,10 +283,17 @@ def _rewrite(route: Fields, match: RouteMatch | None) -> Rewrite | None:
     return Rewrite(prefix=prefix, host=host)
 
 
-def _auth(route: Fields) -> AuthMode:
-    """This build has no authn: a route that asks for a token would be served without one (fail-open), so that
-    is an error, and the default is ``none``. When authn lands, the default becomes ``required`` (CONTRACT 2)."""
-    mode = route.optional("auth", choice(AUTH_MODES, "mode"))
-    if mode is not None and mode != "none":
-        route.problems.add(route.at("auth"), f"{quote(mode)} needs authn, which is {NOT_SUPPORTED}")
-    return "none"
+def _default_auth(authn: bool, authz: bool) -> AuthMode:
+    """Routes are protected unless they opt out: a token is required once authn is set, and authz alone still
+    decides every route (with a null principal). Only with neither section does nothing run."""
+    if authn:
+        return "required"
+    return "optional" if authz else "none"
+
+
+def _auth(route: Fields, default: AuthMode, authn: bool) -> AuthMode:
+    mode = route.get("auth", choice(AUTH_MODES, "mode"), default)
+    if mode == "required" and not authn:
+        # Served without a token check, "required" would be fail-open.
+        route.problems.add(route.at("auth"), '"required" needs an authn section')
+    return mode

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from policy.settings import AuthnSettings, AuthzSettings
 from telemetry.settings import MetricSettings, TracingSettings
 
 _METRICS = MetricSettings()  # frozen: one shared default
@@ -300,6 +301,8 @@ class Snapshot:
     tracing: TracingSettings | None = None  # None: nothing exported, new traces not sampled
     metrics: MetricSettings = _METRICS
     rate_limit_service: RateLimitService | None = None
+    authn: AuthnSettings | None = None  # None: no token is verified, the principal is null
+    authz: AuthzSettings | None = None  # None: no policy decision is made
     # Provenance, for /config and the reload log.
     version: int = 0
     source: str = ""
