@@ -226,7 +226,9 @@ def _authz(top: Fields) -> AuthzSettings | None:
 def _engine(fields: Fields) -> EngineSettings | None:
     """One decision path (``authz`` itself or ``authz.shadow``); ``None`` for ``engine: none`` or on problems."""
     mark = fields.problems.mark()
-    kind = fields.get("engine", choice(ENGINES, "engine"), "embedded")
+    kind = fields.optional("engine", choice(ENGINES, "engine")) if fields.has("engine") else "embedded"
+    if kind is None:
+        return None  # an unknown engine: which other keys it needs is anyone's guess
     decision = fields.get("decision", _decision, DEFAULT_DECISION)
     timeout = fields.get("timeout", duration(positive=True), 0.25)
     bundle = opa_url = None
