@@ -88,7 +88,8 @@ def test_defaults_and_optional_parts() -> None:
 
 def test_opa_cache_without_key_gets_the_documented_default() -> None:
     snapshot = compile_document(edited({"authz": {"engine": "opa", "opa_url": "http://o:8181", "cache": {}}}))
-    assert snapshot.authz is not None and snapshot.authz.cache is not None
+    assert snapshot.authz is not None
+    assert snapshot.authz.cache is not None
     assert snapshot.authz.cache.key == (
         ("meshgate", "principal"),
         (*HTTP, "method"),
