@@ -20,8 +20,11 @@ from gateway.config.errors import ConfigError
 from gateway.config.sources.file import FileSource, read_config
 from gateway.config.store import SnapshotStore
 from gateway.pipeline import Handler, Stage, compose
+from gateway.policy_runtime import Policies
 from gateway.server import GatewayServer
 from gateway.serving import Serving
+from gateway.stages.authn import AuthnStage
+from gateway.stages.authz import AuthzStage
 from gateway.stages.forward import Forward
 from gateway.stages.observe import Observe
 from gateway.stages.ratelimit import RateLimitStage
@@ -55,9 +58,12 @@ def build_pipeline(
         Rescue(metrics),
         # Normalizes the path before matching (and, later, before policy): nothing sees the raw path after this.
         RouteStage(),
-        # After routing (limits are per route) and, once they exist, before authz: floods never reach the policy
-        # engine.
+        # After routing (`auth` is per route); before the rate limit, which may key on the verified principal.
+        AuthnStage(metrics),
+        # After routing (limits are per route) and before authz: floods never reach the policy engine.
         ratelimit,
+        # Last before forwarding: it judges the principal, and an allow may edit the upstream request's headers.
+        AuthzStage(metrics, tracer, access_log),
     ]
     return compose(stages, Forward(metrics, rng, tracer))
 
@@ -93,7 +99,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         if old is not None and (old.logs.level, old.service) != (new.logs.level, new.service):
             tlogging.configure(new.logs.level, new.service)  # a renamed service: log lines must follow the spans
 
-    store = SnapshotStore(upstreams, metrics, publish)
+    policies = Policies()
+    store = SnapshotStore(upstreams, metrics, publish, policies)
     source = FileSource(config_path, store)
     admin_state = AdminState()
     admin_runner = web.AppRunner(
@@ -102,7 +109,13 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         access_log=None,
         handle_signals=False,
     )
-    await source.load_initial(first)
+    try:
+        await source.load_initial(first)
+    except ConfigError as error:  # a policy bundle that does not load: nothing is bound yet
+        print(str(error), file=sys.stderr)
+        await upstreams.close()
+        await policies.close()
+        return 1
     snapshot = first
 
     # Signal handlers go in before anything is bound: /readyz answering 200 tells an orchestrator (or a test) that
@@ -138,6 +151,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         await server.stop(drain_timeout=0.0)
         await admin_runner.cleanup()
         await upstreams.close()
+        await policies.close()
         return 1
 
     source.start()
@@ -157,6 +171,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     await server.stop(drain_timeout)
     await admin_runner.cleanup()
     await upstreams.close()
+    await policies.close()
     await ratelimit.close()
     # Spans of the last requests are still queued: export them, bounded (a dead collector must not hold the exit).
     await loop.run_in_executor(None, tracer.shutdown, _SPAN_FLUSH_TIMEOUT)

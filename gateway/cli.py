@@ -1,4 +1,4 @@
-"""The ``meshgate`` command line: ``run``, ``check`` and ``demo``.
+"""The ``meshgate`` command line: ``run``, ``check``, ``policy test|eval|push`` and ``demo``.
 
 Usage errors exit 2 (argparse), config errors exit 1 with one ``path: problem`` line each on stderr; no command
 prints a traceback for a user error.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config.errors import ConfigError
+from gateway.policy_cli import add_policy_commands, run_policy_command
 
 __all__ = ["main"]
 
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start a local stack: two demo upstreams and a gateway in front")
     demo.add_argument("-c", "--config", type=Path, default=None, help="gateway config (default examples/gateway.yaml)")
+
+    add_policy_commands(commands)
     return parser
 
 
@@ -49,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "run":
             return _run(args.config, args.workers)
+        if args.command == "policy":
+            return run_policy_command(args)
         from gateway.demo import run_demo
 
         return run_demo(args.config)
@@ -58,9 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(path: Path) -> int:
     from gateway.config.sources.file import read_config
+    from gateway.policy_runtime import check_policies
 
     try:
-        read_config(path)
+        check_policies(read_config(path))  # the bundles too: a config whose policy cannot load is not ok
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 1
@@ -70,10 +76,11 @@ def _check(path: Path) -> int:
 
 def _run(path: Path, workers: int) -> int:
     from gateway.config.sources.file import read_config
+    from gateway.policy_runtime import check_policies
     from gateway.workers import run_worker, run_workers
 
     try:  # fail fast, once, before any worker starts
-        read_config(path)
+        check_policies(read_config(path))
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ upstream runtimes built for it) for the whole request, so a reload mid-request n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from aiohttp.web import BaseRequest
 
@@ -29,14 +30,19 @@ class RequestContext:
         "client_port",
         "cluster",
         "deadline",
+        "decision_id",
         "endpoint",
         "fallback",
         "parent",
         "path",
+        "principal",
         "query",
         "reason",
         "request",
+        "request_add",
         "request_id",
+        "request_remove",
+        "response_add",
         "route",
         "scheme",
         "serving",
@@ -69,6 +75,15 @@ class RequestContext:
         self.deadline: float | None = None  # loop.time() by which upstream response headers must arrive
         self.status = 0  # final status sent to the client
         self.reason = ""  # local reply code, "" when the upstream answered
+        # Set by authn: the verified JWT claims (None: no token, or the route skips authn).
+        self.principal: Mapping[str, Any] | None = None
+        # Set by authz: the decision's id ("" when none was made), and what the decision (and authn's forwarded
+        # claims) change: header names removed from and headers added to the upstream request, headers added to
+        # the client's response. Empty tuples are shared; the common request allocates nothing here.
+        self.decision_id = ""
+        self.request_remove: tuple[str, ...] = ()
+        self.request_add: tuple[tuple[str, str], ...] = ()
+        self.response_add: tuple[tuple[str, str], ...] = ()
         # Set when reading the client's body failed inside the upstream client's writer task (which would
         # otherwise surface it as a generic connection error): the real cause, to reply with.
         self.body_error: GatewayError | None = None

@@ -15,8 +15,11 @@ __all__ = [
     "GatewayError",
     "NoHealthyUpstream",
     "PayloadTooLarge",
+    "PolicyDenied",
+    "PolicyUnavailable",
     "RateLimited",
     "RouteNotFound",
+    "Unauthenticated",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -72,3 +75,33 @@ class CircuitOpen(GatewayError):
 class RateLimited(GatewayError):
     status = 429
     code = "rate_limited"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    code = "unauthenticated"
+
+
+class PolicyUnavailable(GatewayError):
+    status = 503
+    code = "policy_unavailable"
+
+
+class PolicyDenied(GatewayError):
+    """A deny. The policy may set the status, extra reply headers, and a body of its own that replaces the JSON."""
+
+    code = "forbidden"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        status: int = 403,
+        headers: Mapping[str, str] | None = None,
+        body: str | None = None,
+    ) -> None:
+        super().__init__(message, headers=headers)
+        self.reason = reason  # the policy's own reason, "" when it gave none
+        self.status = status
+        self.body = body

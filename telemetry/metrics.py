@@ -139,6 +139,22 @@ class Metrics:
                 registry=r,
             )
         )
+        self.authz_shadow_decisions = Labelled(
+            Counter(
+                "meshgate_authz_shadow_decisions_total",
+                "Decisions of the shadow policy (evaluated on every request, never enforced), by outcome.",
+                ["http_route", "decision"],
+                registry=r,
+            )
+        )
+        self.authz_shadow_disagreements = Labelled(
+            Counter(
+                "meshgate_authz_shadow_disagreements_total",
+                "Requests the shadow policy decided differently from the enforced one (allow vs deny vs error).",
+                ["http_route"],
+                registry=r,
+            )
+        )
         self.authn_failures = Labelled(
             Counter(
                 "meshgate_authn_failures_total",

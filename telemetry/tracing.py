@@ -224,6 +224,17 @@ class Tracer:
             recording=server.recording,
         )
 
+    def start_internal(self, server: Span) -> Span:
+        """An INTERNAL child span of the request's SERVER span (the ``authz`` decision)."""
+        return Span(
+            server.trace_id,
+            self._ids.getrandbits(64) or 1,
+            server.span_id,
+            SpanKind.INTERNAL,
+            sampled=server.sampled,
+            recording=server.recording,
+        )
+
     def context_headers(self, span: Span, parent: Parent | None) -> dict[str, str]:
         """The headers that make the upstream continue the trace as a child of ``span``."""
         return inject_headers(span.trace_id, span.span_id, span.sampled, parent, self._propagators)

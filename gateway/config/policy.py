@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from policy.jwt import JwtRule
-
 from gateway.config.schema import (
     Fields,
     boolean,
@@ -27,6 +25,7 @@ from gateway.config.schema import (
 )
 from gateway.config.values import quote
 from policy.cache import InputPath
+from policy.jwt import JwtRule
 from policy.settings import (
     ASYMMETRIC_ALGORITHMS,
     AuthnSettings,
@@ -207,7 +206,7 @@ def _authz(top: Fields) -> AuthzSettings | None:
         return None
     mark = fields.problems.mark()
     primary = _engine(fields)
-    on_error = fields.get("on_error", choice(ON_ERROR, "value"), "deny")
+    on_error: OnError = fields.get("on_error", choice(ON_ERROR, "value"), "deny")
     cache = _cache(fields, primary)
     shadow = None
     shadow_fields = fields.section("shadow", SHADOW_KEYS)

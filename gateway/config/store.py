@@ -1,4 +1,4 @@
-"""SnapshotStore: check a compiled snapshot against what is serving, reconcile upstream runtimes, swap once.
+"""SnapshotStore: check a compiled snapshot against what is serving, build its policy and upstream runtimes, swap once.
 
 The only writer of ``GatewayServer.serving``. A snapshot that cannot be applied (a listener address or parser limit
 changed: those need a restart) is refused with a ``ConfigError`` and the last good config keeps serving.
@@ -14,6 +14,7 @@ import structlog
 
 from gateway.config.errors import ConfigError, Problem
 from gateway.config.snapshot import Snapshot
+from gateway.policy_runtime import Policies
 from gateway.serving import Serving
 from gateway.upstream.clusters import Upstreams
 from telemetry.metrics import Metrics
@@ -38,8 +39,10 @@ class SnapshotStore:
         upstreams: Upstreams,
         metrics: Metrics,
         publish: Callable[[Serving], None],
+        policies: Policies | None = None,
     ) -> None:
         self._upstreams = upstreams
+        self._policies = policies if policies is not None else Policies()
         self._metrics = metrics
         self._publish = publish
         self.current: Serving | None = None
@@ -63,10 +66,12 @@ class SnapshotStore:
                 # Not counted here: the source catches the error and calls rejected(), which counts and logs it
                 # (counting in both places made one refused edit show up as two rejections).
                 raise ConfigError(tuple(problems))
+        # Policies first: a bundle that fails to load rejects the config before any upstream state changes.
+        policy = await self._policies.apply(snapshot)
         self._version += 1
         stamped = dataclasses.replace(snapshot, version=self._version, source=source, loaded_at=time.time())
         clusters = await self._upstreams.apply(stamped.clusters)
-        serving = Serving(stamped, clusters)
+        serving = Serving(stamped, clusters, policy)
         self.current = serving
         self._publish(serving)  # the atomic swap: one attribute store, read once per request
         self._metrics.config_version.set(stamped.version)

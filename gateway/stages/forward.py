@@ -299,6 +299,11 @@ class Forward:
             stale += ("b3", *B3_MULTI)
         for name in stale:
             headers.popall(name, None)
+        # authn (forwarded claims, whose client-sent copies go first) and an allowing decision edit the request.
+        for name in ctx.request_remove:
+            headers.popall(name, None)
+        for name, value in ctx.request_add:
+            headers.add(name, value)
         return headers
 
     def _observe(

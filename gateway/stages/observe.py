@@ -83,7 +83,7 @@ class Observe:
                     "endpoint": ctx.endpoint or None,
                     "attempts": ctx.attempts,
                     "client_address": ctx.client_ip,
-                    "decision_id": None,
+                    "decision_id": ctx.decision_id or None,
                     "reason": ctx.reason or None,
                     "fallback": ctx.fallback or None,
                 },
@@ -124,6 +124,10 @@ class Observe:
             attributes["meshgate.reason"] = ctx.reason
         if ctx.fallback:
             attributes["meshgate.fallback"] = ctx.fallback
+        if ctx.decision_id:
+            # Here too, not only on the authz child: Jaeger searches tags of any span, but a SERVER-span filter is
+            # the common query.
+            attributes["meshgate.authz.decision_id"] = ctx.decision_id
         if status >= 500 or ctx.reason == "upstream_reset":
             # The convention: a 5xx is an error on the server span (a 4xx is the client's, and not); so is an
             # upstream that broke off mid-body, though a 2xx status had gone out.

@@ -2,7 +2,7 @@
 
 Runs after routing (the limit is per route) and before authorization, so a flood never reaches the policy engine.
 Keys: ``client`` (the peer address), ``header:<name>`` (requests without the header share one bucket), ``route``
-(one bucket for the route), ``principal`` (the verified subject; the client address until authn exists). A
+(one bucket for the route), ``principal`` (the verified token's ``sub``; the client address for requests without one). A
 ``shared`` limit is counted in Redis across every gateway replica; when Redis cannot answer in time, the local
 bucket decides (each replica then admits up to the full rate on its own) and the fallback is counted.
 Buckets are runtime state: they survive reloads as long as the route keeps the same limit.
@@ -66,7 +66,13 @@ class RateLimitStage:
             return ctx.request.headers.get(limit.header, _MISSING)
         if limit.key == "route":
             return ""
-        return ctx.client_ip  # "client", and "principal" until authn provides one
+        if limit.key == "principal":
+            principal = ctx.principal
+            subject = principal.get("sub") if principal is not None else None
+            if isinstance(subject, str):
+                # Prefixed: a subject can never share a bucket with a client address that looks the same.
+                return "sub:" + subject
+        return ctx.client_ip  # "client", and "principal" for a request without a verified token
 
     def _table(self, route: str, limit: RateLimit) -> BucketTable:
         entry = self._tables.get(route)

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway.context import RequestContext
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, PolicyDenied
 from gateway.pipeline import Handler
 from telemetry.metrics import Metrics
 
@@ -26,16 +26,35 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
-def local_reply(error: GatewayError, request_id: str, trace_id: str | None = None) -> web.Response:
-    """Render ``error`` as the contract's JSON body; ``x-request-id`` rides on every reply."""
-    body = {"error": error.code, "message": error.message, "request_id": request_id, "trace_id": trace_id}
-    response = web.Response(
-        status=error.status,
-        body=json.dumps(body, separators=(",", ":")).encode(),
-        content_type="application/json",
-        headers=error.headers,
-    )
+def local_reply(
+    error: GatewayError, request_id: str, trace_id: str | None = None, decision_id: str = ""
+) -> web.Response:
+    """Render ``error`` as the contract's JSON body; ``x-request-id`` rides on every reply, ``x-decision-id`` on
+    every reply after a policy decision. A deny whose policy gave a body of its own is answered with that body."""
+    if isinstance(error, PolicyDenied) and error.body is not None:
+        response = web.Response(status=error.status, text=error.body, headers=error.headers)
+        if "Content-Type" not in error.headers:
+            response.content_type = "text/plain"
+    else:
+        body: dict[str, object] = {
+            "error": error.code,
+            "message": error.message,
+            "request_id": request_id,
+            "trace_id": trace_id,
+        }
+        if decision_id:
+            body["decision_id"] = decision_id
+        if isinstance(error, PolicyDenied) and error.reason:
+            body["reason"] = error.reason
+        response = web.Response(
+            status=error.status,
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            content_type="application/json",
+            headers=error.headers,
+        )
     response.headers["x-request-id"] = request_id
+    if decision_id:
+        response.headers["x-decision-id"] = decision_id
     return response
 
 
@@ -59,7 +78,7 @@ class Rescue:
         ctx.reason = error.code
         route = ctx.route.name if ctx.route is not None else "unmatched"
         self._replies.labels(route, error.code).inc()
-        response = local_reply(error, ctx.request_id, ctx.trace_id or None)
+        response = local_reply(error, ctx.request_id, ctx.trace_id or None, ctx.decision_id)
         request = ctx.request
         if request.body_exists and not request.content.at_eof():
             # An unread body (413, or a refusal before 100-continue) would otherwise be read and thrown away

@@ -36,6 +36,8 @@ async def relay(ctx: RequestContext, upstream: aiohttp.ClientResponse) -> web.St
     response = response_class(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_response_headers(upstream.headers))
     response.headers["x-request-id"] = ctx.request_id
+    if ctx.decision_id:
+        _add_decision_headers(ctx, response)
     if known_length:
         response.content_length = length
     await response.prepare(request)
@@ -58,4 +60,13 @@ def static_response(ctx: RequestContext, fallback: FallbackResponse) -> web.Resp
     for name, value in fallback.headers:
         response.headers[name] = value
     response.headers["x-request-id"] = ctx.request_id
+    if ctx.decision_id:
+        _add_decision_headers(ctx, response)
     return response
+
+
+def _add_decision_headers(ctx: RequestContext, response: web.StreamResponse) -> None:
+    """CONTRACT 4: a response that passed a policy decision says which; the policy may add headers of its own."""
+    response.headers["x-decision-id"] = ctx.decision_id
+    for name, value in ctx.response_add:
+        response.headers.add(name, value)

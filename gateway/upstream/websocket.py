@@ -66,6 +66,8 @@ async def proxy_websocket(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False, autoclose=False
     )
     downstream.headers["x-request-id"] = ctx.request_id  # CONTRACT 4: every response carries it, the 101 too
+    if ctx.decision_id:
+        downstream.headers["x-decision-id"] = ctx.decision_id
     try:
         await downstream.prepare(request)  # inside the try: the upstream socket is closed even if this fails
         ctx.status = 101

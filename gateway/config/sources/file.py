@@ -7,6 +7,7 @@ by rename, and costs nothing measurable; a content hash then skips rewrites that
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -29,7 +30,23 @@ def read_config(path: Path) -> Snapshot:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError((Problem(str(path), f"cannot read config file: {reason}"),)) from None
-    return compile_text(text)
+    return _resolve_paths(compile_text(text), path.parent)
+
+
+def _resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
+    """Files a config names (policy bundles, key files) are relative to the config file, wherever meshgate runs."""
+
+    def resolve(name: str | None) -> str | None:
+        return None if name is None else str(base / name) if not Path(name).is_absolute() else name
+
+    authn, authz = snapshot.authn, snapshot.authz
+    if authn is not None and authn.key_file is not None:
+        authn = dataclasses.replace(authn, key_file=resolve(authn.key_file))
+    if authz is not None:
+        primary = dataclasses.replace(authz.primary, bundle=resolve(authz.primary.bundle))
+        shadow = authz.shadow and dataclasses.replace(authz.shadow, bundle=resolve(authz.shadow.bundle))
+        authz = dataclasses.replace(authz, primary=primary, shadow=shadow)
+    return dataclasses.replace(snapshot, authn=authn, authz=authz)
 
 
 class FileSource:

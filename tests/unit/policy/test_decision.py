@@ -49,7 +49,10 @@ def test_undefined_is_a_deny_marked_undefined() -> None:
         ([True], "expected a boolean or an object, got a list"),
         ({}, '"allowed" must be a boolean, got null'),
         ({"allowed": "true"}, '"allowed" must be a boolean, got a string'),
-        ({"allowed": False, "http_status": 200}, '"http_status" must be an integer from 400 to 599, got the number 200'),
+        (
+            {"allowed": False, "http_status": 200},
+            '"http_status" must be an integer from 400 to 599, got the number 200',
+        ),
         ({"allowed": False, "http_status": True}, '"http_status" must be an integer from 400 to 599, got a boolean'),
         ({"allowed": False, "http_status": "403"}, '"http_status" must be an integer from 400 to 599, got a string'),
         ({"allowed": False, "body": {"a": 1}}, '"body" must be a string, got an object'),
