@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.config.errors import ConfigError, Problem
+from gateway.config.policy import OPA_DEFAULT_CACHE_KEY
 from gateway.config.snapshot import Snapshot
 from policy.bundle import fingerprint, load_bundle
 from policy.cache import DecisionCache, InputPath, uncovered
@@ -48,12 +49,15 @@ log = structlog.get_logger("meshgate.policy")
 # A cached decision keeps the rule's raw value with it: the decision log shows the result on a hit too.
 CachedDecision = tuple[Decision, object]
 _HTTP = ("attributes", "request", "http")
-# Input paths that are the same for every request a gateway decides (or always null): never part of a key.
-_CONSTANT: tuple[InputPath, ...] = (("meshgate", "service"), ("attributes", "destination"), ("parsed_body",))
+# Input paths that are the same for every request one applied config decides (or always null): never part of a key.
+# Decision paths are reused across reloads only while the service stays the same (``Policies._authz``). The
+# destination is not constant: a listener on 0.0.0.0 or :: sees each local address a client connected to.
+_CONSTANT: tuple[InputPath, ...] = (("meshgate", "service"), ("parsed_body",))
 # Paths fully determined by another one: the path (with its query) determines parsed_path and parsed_query.
 _DERIVED: dict[InputPath, tuple[InputPath, ...]] = {(*_HTTP, "path"): (("parsed_path",), ("parsed_query",))}
-# A key over the request id makes every request unique: such a cache would only cost memory.
-_REQUEST_ID: InputPath = (*_HTTP, "id")
+# A key over the request id (as the input's id or as the x-request-id header the gateway puts in the headers) makes
+# every request unique: such a cache would only cost memory.
+_REQUEST_IDS: tuple[InputPath, ...] = ((*_HTTP, "id"), (*_HTTP, "headers", "x-request-id"))
 # Seconds a replaced engine stays open for requests that pinned it.
 _RETIRE_GRACE = 30.0
 
@@ -62,7 +66,8 @@ _RETIRE_GRACE = 30.0
 class AuthnRuntime:
     settings: AuthnSettings
     keys: KeySource
-    # Lower-case names of the claim headers: client-sent copies are removed from every request, token or not.
+    # Lower-case names of the claim headers (and their `_` spellings): client-sent copies are removed from every
+    # request, token or not.
     claim_headers: tuple[str, ...]
 
 
@@ -133,12 +138,12 @@ def _plan(
     if cache is None:
         return None, ()
     if not isinstance(engine, EmbeddedEngine):
-        assert cache.key is not None  # the compiler fills in the default key for OPA
-        return DecisionCache(cache.ttl, cache.max_entries), cache.key
+        key = cache.key if cache.key is not None else OPA_DEFAULT_CACHE_KEY
+        return DecisionCache(cache.ttl, cache.max_entries), key
     reads = [read for read in engine.input_refs if not any(read[: len(c)] == c for c in _CONSTANT)]
     if cache.key is None:
         key = tuple(sorted(set(reads)))
-        if any(_REQUEST_ID[: len(read)] == read for read in key):
+        if any(unique[: len(read)] == read for read in key for unique in _REQUEST_IDS):
             log.warning(
                 "authz_cache_disabled",
                 where=where,
@@ -169,8 +174,10 @@ class Policies:
         self._watch_interval = watch_interval
         self._keys: dict[tuple[str | None, str | None, float], KeySource] = {}
         self._current = NO_POLICY
+        self._service = ""
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()  # cuts retirement grace periods short: close() closes what they hold
 
     @property
     def current(self) -> PolicyRuntime:
@@ -179,8 +186,11 @@ class Policies:
     async def apply(self, snapshot: Snapshot) -> PolicyRuntime:
         """The runtime for ``snapshot``, reusing what did not change; ConfigError (nothing changed) if a bundle
         fails to load or the cache key is unsound."""
-        authz = self._authz(snapshot.authz)  # first: it can fail, and must fail before anything is replaced
+        # A cached decision may rest on `input.meshgate.service` (never part of a key): no reuse across a rename.
+        reuse = snapshot.service == self._service
+        authz = self._authz(snapshot.authz, reuse)  # first: it can fail, and must fail before anything is replaced
         authn = await self._authn(snapshot.authn)
+        self._service = snapshot.service
         previous, self._current = self._current, PolicyRuntime(authn, authz)
         self._retire(previous, self._current)
         if authz is not None and self._watcher is None:
@@ -191,8 +201,8 @@ class Policies:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        for task in self._retiring:
-            task.cancel()
+        # Not cancelled: a retirement task cancelled before it ran would never close its engines or key sources.
+        self._closing.set()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         engines = _open_engines(self._current)
         await asyncio.gather(*(engine.close() for engine in engines), return_exceptions=True)
@@ -214,12 +224,12 @@ class Policies:
                     raise ConfigError((Problem("authn.jwt.key_file", str(error)),)) from None
             await keys.start()
             self._keys[ident] = keys
-        return AuthnRuntime(settings, keys, tuple(header for _, header in settings.forward_claims))
+        return AuthnRuntime(settings, keys, _claim_header_names(settings))
 
-    def _authz(self, settings: AuthzSettings | None) -> AuthzRuntime | None:
+    def _authz(self, settings: AuthzSettings | None, reuse: bool) -> AuthzRuntime | None:
         if settings is None:
             return None
-        old = self._current.authz
+        old = self._current.authz if reuse else None
         reusable = [old.primary, *((old.shadow,) if old.shadow else ())] if old is not None else []
         problems: list[Problem] = []
         paths: list[DecisionPath | None] = []
@@ -251,7 +261,7 @@ class Policies:
         """Close engines the new runtime no longer uses, after a grace period for requests still running."""
         stale = _open_engines(previous) - _open_engines(current)
         if stale:
-            task = asyncio.create_task(_close_later(stale, _RETIRE_GRACE))
+            task = asyncio.create_task(_close_later(stale, _RETIRE_GRACE, self._closing))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
         used = {(s.jwks_url, s.key_file, s.refresh) for s in ([current.authn.settings] if current.authn else [])}
@@ -282,7 +292,9 @@ class Policies:
         where = "authz" if role == "primary" else "authz.shadow"
         try:
             new = _build_path(old.settings, old.cache_settings, where, current)
-        except (PolicyLoadError, ConfigError) as error:
+        except OSError:
+            raise  # files changing under the read: `_watch` tries again on its next tick
+        except Exception as error:  # whatever it is: a watcher that died would leave the old policy deciding forever
             # Remember the failed fingerprint: the same broken files are not reported every second.
             setattr(authz, role, _replace_fingerprint(old, current))
             log.error(
@@ -293,6 +305,13 @@ class Policies:
         log.info(
             "policy_reloaded", bundle=old.settings.bundle, revision=new.engine.revision, previous=old.engine.revision
         )
+
+
+def _claim_header_names(settings: AuthnSettings) -> tuple[str, ...]:
+    """The forwarded claim headers, each also spelled with ``_`` for ``-``: CGI-style servers (WSGI, PHP) read
+    ``x-user`` and ``x_user`` as the same ``HTTP_X_USER``, so a client copy in either spelling must go."""
+    names = (header for _, header in settings.forward_claims)
+    return tuple(dict.fromkeys(spelling for name in names for spelling in (name, name.replace("-", "_"))))
 
 
 def _build_path(settings: EngineSettings, cache: CacheSettings | None, where: str, fingerprint_: str) -> DecisionPath:
@@ -317,6 +336,7 @@ def _open_engines(runtime: PolicyRuntime) -> set[Engine]:
     return {authz.primary.engine, *((authz.shadow.engine,) if authz.shadow else ())}
 
 
-async def _close_later(engines: Iterable[Engine], grace: float) -> None:
-    await asyncio.sleep(grace)
+async def _close_later(engines: Iterable[Engine], grace: float, closing: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(closing.wait(), grace)
     await asyncio.gather(*(engine.close() for engine in engines), return_exceptions=True)

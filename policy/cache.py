@@ -23,8 +23,9 @@ _MISSING = object()
 
 
 def key_of(document: Mapping[str, Any], paths: Iterable[InputPath]) -> str:
-    """The values at ``paths`` (absent ones as ``null``) as one canonical string."""
-    values: list[object] = []
+    """The values at ``paths`` as one canonical string: each present value wrapped as ``[value]``, an absent one
+    as ``[]``, so no value a client can send (``?x=absent`` parses to ``["absent"]``) encodes like an absence."""
+    values: list[list[object]] = []
     for path in paths:
         node: object = document
         for part in path:
@@ -32,7 +33,7 @@ def key_of(document: Mapping[str, Any], paths: Iterable[InputPath]) -> str:
             if node is _MISSING:
                 break
         # Absent and null are told apart: a policy can distinguish them (`not input.x` vs `input.x == null`).
-        values.append(["absent"] if node is _MISSING else node)
+        values.append([] if node is _MISSING else [node])
     return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -3,7 +3,7 @@
 Pure. ``true``/``false`` are allow/deny; ``UNDEFINED`` is a deny; an object carries ``allowed`` plus how to answer.
 As in opa-envoy-plugin, ``headers`` go to the upstream on an allow and into the local reply on a deny;
 ``response_headers_to_add`` are added to the client's response on an allow; ``http_status`` and ``body`` shape a
-deny. Anything else (a string, an object without a boolean ``allowed``, a status outside 4xx/5xx) is a policy bug:
+deny. Anything else (a string, an object without a boolean ``allowed``, a status outside 3xx-5xx) is a policy bug:
 ``InvalidResult``, which the gateway treats like an engine error, so it fails closed unless ``on_error: allow``.
 """
 
@@ -51,9 +51,10 @@ def parse_result(value: object) -> Decision:
     if not isinstance(allowed, bool):
         raise InvalidResult(f'"allowed" must be a boolean, got {_kind(allowed)}')
     status = value.get("http_status", 403) if not allowed else 403  # only a deny is answered with it
-    # bool is an int subclass: `http_status: true` is a policy bug, not status 1.
-    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-        raise InvalidResult(f'"http_status" must be an integer from 400 to 599, got {_kind(status)}')
+    # bool is an int subclass: `http_status: true` is a policy bug, not status 1. 3xx is a deny too: opa-envoy
+    # policies answer an unauthenticated browser with 302 and a `location` header (the login page).
+    if isinstance(status, bool) or not isinstance(status, int) or not 300 <= status <= 599:
+        raise InvalidResult(f'"http_status" must be an integer from 300 to 599, got {_kind(status)}')
     body = value.get("body")
     if body is not None and not isinstance(body, str):
         raise InvalidResult(f'"body" must be a string, got {_kind(body)}')

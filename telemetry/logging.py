@@ -47,6 +47,7 @@ __all__ = [
     "flush",
     "redact",
     "redact_text",
+    "secret_param",
 ]
 
 REDACTED = "<redacted>"
@@ -109,6 +110,13 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
         elif type(value) not in _NATIVE:
             event[key] = _redact_value(key, value, 0)
     return event
+
+
+def secret_param(name: str) -> bool:
+    """Whether a query parameter of this name has its value masked in a URL (as ``redact_text`` does), for callers
+    that log a query already parsed into a mapping, where the generic key rules would miss ``code`` or ``sig``."""
+    lowered = name.lower()
+    return lowered in SECRET_PARAMS or lowered.endswith(SECRET_SUFFIXES)
 
 
 def redact_text(text: str, *, url: bool = False) -> str:

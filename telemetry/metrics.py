@@ -142,7 +142,8 @@ class Metrics:
         self.authz_shadow_decisions = Labelled(
             Counter(
                 "meshgate_authz_shadow_decisions_total",
-                "Decisions of the shadow policy (evaluated on every request, never enforced), by outcome.",
+                "Decisions of the shadow policy (evaluated on every request, never enforced), by outcome "
+                "(allow, deny, error; skipped when too many were still in flight).",
                 ["http_route", "decision"],
                 registry=r,
             )

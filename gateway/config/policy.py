@@ -36,7 +36,7 @@ from policy.settings import (
     OnError,
 )
 
-__all__ = ["CACHE_KEY_NAMES", "PolicySection", "compile_policy"]
+__all__ = ["CACHE_KEY_NAMES", "OPA_DEFAULT_CACHE_KEY", "PolicySection", "compile_policy"]
 
 AUTHN_KEYS = ("jwt",)
 JWT_KEYS = (
@@ -68,6 +68,8 @@ CACHE_KEY_NAMES: dict[str, InputPath] = {
     "source": ("attributes", "source"),
 }
 DEFAULT_CACHE_KEY = ("principal", "method", "route", "path")
+# What an `engine: opa` decision path keys on when `key` is not configured: OPA's policy is out of sight.
+OPA_DEFAULT_CACHE_KEY: tuple[InputPath, ...] = tuple(CACHE_KEY_NAMES[name] for name in DEFAULT_CACHE_KEY)
 
 _DECISION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*")
 _decision = matching(_DECISION, "decision path", 'a rule path like "meshgate/authz/allow"')
@@ -207,7 +209,7 @@ def _authz(top: Fields) -> AuthzSettings | None:
     mark = fields.problems.mark()
     primary = _engine(fields)
     on_error: OnError = fields.get("on_error", choice(ON_ERROR, "value"), "deny")
-    cache = _cache(fields, primary)
+    cache = _cache(fields)
     shadow = None
     shadow_fields = fields.section("shadow", SHADOW_KEYS)
     if shadow_fields is not None:
@@ -251,7 +253,7 @@ def _not_for(fields: Fields, key: str, kind: str) -> None:
         fields.problems.add(fields.at(key), f'not used with engine "{kind}"')
 
 
-def _cache(fields: Fields, primary: EngineSettings | None) -> CacheSettings | None:
+def _cache(fields: Fields) -> CacheSettings | None:
     if not fields.has("cache"):
         return None
     if fields.raw["cache"] is False:
@@ -262,11 +264,9 @@ def _cache(fields: Fields, primary: EngineSettings | None) -> CacheSettings | No
     defaults = CacheSettings()
     ttl = section.get("ttl", duration(positive=True), defaults.ttl)
     max_entries = section.get("max_entries", integer(1, 10_000_000), defaults.max_entries)
-    key = _cache_key(section)
-    if key is None and primary is not None and primary.engine == "opa":
-        # The embedded engine derives the key from what the policy reads; OPA's policy is out of sight.
-        key = tuple(CACHE_KEY_NAMES[name] for name in DEFAULT_CACHE_KEY)
-    return CacheSettings(ttl=ttl, max_entries=max_entries, key=key)
+    # No key stays None: the runtime picks per engine (an embedded policy's own reads, else OPA_DEFAULT_CACHE_KEY),
+    # since the primary and the shadow may be different engines sharing these settings.
+    return CacheSettings(ttl=ttl, max_entries=max_entries, key=_cache_key(section))
 
 
 def _cache_key(section: Fields) -> tuple[InputPath, ...] | None:

@@ -28,12 +28,18 @@ from policy.decision import Decision, InvalidResult, parse_result
 from policy.engine import UNDEFINED, PolicyError
 from policy.input import RequestFacts, build_input
 from telemetry.access_log import AccessLog
+from telemetry.logging import REDACTED, secret_param
 from telemetry.metrics import Metrics
 from telemetry.tracing import Attributes, Tracer
 
-__all__ = ["AuthzStage"]
+__all__ = ["MAX_SHADOWS_IN_FLIGHT", "AuthzStage"]
 
 log = structlog.get_logger("meshgate.policy")
+
+# Shadow decisions in flight at once. An embedded shadow finishes within a loop turn, an OPA one within its timeout;
+# a hung or slow OPA under load would otherwise pile up tasks (and their inputs) without limit. Past the bound a
+# shadow decision is skipped and counted as `decision="skipped"`: the enforced path is never slowed for it.
+MAX_SHADOWS_IN_FLIGHT = 1000
 
 
 class AuthzStage:
@@ -69,7 +75,9 @@ class AuthzStage:
             if authz.settings.on_error == "allow":
                 log.warning("policy_error_allowed", decision_id=decision_id, error=error)
                 return await next(ctx)
-            raise PolicyUnavailable(f"no policy decision could be made ({error})")
+            # The cause (an OPA address, a policy file and line) stays in the span and the decision log, found by
+            # the decision id: a client learns nothing about the gateway's internals from it.
+            raise PolicyUnavailable("no policy decision could be made")
         if not decision.allowed:
             raise _deny(decision)
         if decision.request_headers_to_remove:
@@ -89,6 +97,9 @@ class AuthzStage:
         enforced: str,
     ) -> None:
         route = ctx.route.name if ctx.route is not None else "unmatched"
+        if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
+            self._metrics.authz_shadow_decisions.labels(route, "skipped").inc()
+            return
         fields = {"request_id": ctx.request_id, "trace_id": ctx.trace_id, "span_id": ctx.span.span_hex}
         service = ctx.serving.snapshot.service
         task = asyncio.create_task(self._shadow(authz, shadow, document, decision_id, enforced, route, fields, service))
@@ -155,7 +166,7 @@ class AuthzStage:
         fields["bundle_revision"] = path.engine.revision or None
         fields["cache"] = cache
         fields["eval_ms"] = round(elapsed * 1000, 3)
-        fields["input"] = document
+        fields["input"] = _loggable(document)
         if error:
             fields["error"] = error
         self._log.decision(service, fields)
@@ -202,6 +213,16 @@ async def _decide(path: DecisionPath, document: dict[str, Any]) -> tuple[Decisio
         cache.put(key, (decision, raw), time.monotonic())
         return decision, raw, "miss", ""
     return decision, raw, "none", ""
+
+
+def _loggable(document: dict[str, Any]) -> dict[str, Any]:
+    """The input as the decision log shows it: the log's redaction masks secret query parameters inside the path,
+    but in ``parsed_query`` they are plain keys (``code``, ``sig``, ``jwt``...) that it would let through."""
+    query = document.get("parsed_query")
+    if not query or not any(secret_param(name) for name in query):
+        return document
+    masked = {name: [REDACTED] if secret_param(name) else values for name, values in query.items()}
+    return {**document, "parsed_query": masked}
 
 
 def _deny(decision: Decision) -> PolicyDenied:

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config.compile import compile_document
 from gateway.config.errors import ConfigError
+from gateway.config.policy import OPA_DEFAULT_CACHE_KEY
 from gateway.config.snapshot import Snapshot
 from gateway.policy_runtime import Policies, check_policies
 
@@ -138,3 +139,161 @@ async def test_a_bad_config_leaves_the_current_runtime(tmp_path: Path) -> None:
         assert policies.current is good
     finally:
         await policies.close()
+
+
+async def test_an_opa_shadow_of_an_embedded_primary_gets_the_default_key(tmp_path: Path) -> None:
+    # Both paths share `authz.cache`; with no `key` the embedded one keys on its reads and the OPA one on the
+    # documented default (this used to trip an assertion when the config was applied).
+    policies = Policies()
+    try:
+        shadow = {"engine": "opa", "opa_url": "http://127.0.0.1:9"}
+        runtime = await policies.apply(snapshot(bundle(tmp_path / "b", HEADER_POLICY), cache={}, shadow=shadow))
+        assert runtime.authz is not None
+        assert runtime.authz.shadow is not None
+        assert set(runtime.authz.primary.key_paths) == {(*HTTP, "method"), (*HTTP, "headers", "x-tenant")}
+        assert runtime.authz.shadow.key_paths == OPA_DEFAULT_CACHE_KEY
+    finally:
+        await policies.close()
+
+
+DESTINATION_POLICY = """package meshgate.authz
+
+import rego.v1
+
+allow if input.attributes.destination.address.socketAddress.address == "127.0.0.1"
+"""
+ALL_HEADERS_POLICY = """package meshgate.authz
+
+import rego.v1
+
+allow if {
+	some name, _ in input.attributes.request.http.headers
+	startswith(name, "x-ok")
+}
+"""
+SERVICE_POLICY = """package meshgate.authz
+
+import rego.v1
+
+allow if input.meshgate.service == "s"
+"""
+
+
+async def test_automatic_key_holds_the_destination(tmp_path: Path) -> None:
+    # A listener on 0.0.0.0 sees several local addresses: a decision for one must not answer for another.
+    policies = Policies()
+    try:
+        runtime = await policies.apply(snapshot(bundle(tmp_path / "b", DESTINATION_POLICY), cache={}))
+        assert runtime.authz is not None
+        assert runtime.authz.primary.key_paths == (
+            ("attributes", "destination", "address", "socketAddress", "address"),
+        )
+    finally:
+        await policies.close()
+
+
+async def test_policy_reading_every_header_is_not_cached(tmp_path: Path) -> None:
+    # The headers hold the x-request-id the gateway sets: every request would miss, as the docs say.
+    policies = Policies()
+    try:
+        runtime = await policies.apply(snapshot(bundle(tmp_path / "b", ALL_HEADERS_POLICY), cache={}))
+        assert runtime.authz is not None
+        assert runtime.authz.primary.cache is None
+    finally:
+        await policies.close()
+
+
+async def test_a_renamed_service_starts_a_fresh_cache(tmp_path: Path) -> None:
+    # input.meshgate.service is left out of keys as a constant: a cache filled under another name must go.
+    policies = Policies()
+    try:
+        first = await policies.apply(snapshot(bundle(tmp_path / "b", SERVICE_POLICY), cache={}))
+        renamed = await policies.apply(dataclasses.replace(snapshot(tmp_path / "b", cache={}), service="other"))
+        assert first.authz is not None
+        assert renamed.authz is not None
+        assert renamed.authz.primary is not first.authz.primary
+    finally:
+        await policies.close()
+
+
+async def test_an_unexpected_reload_error_does_not_stop_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.policy_runtime as runtime_module
+
+    real = runtime_module._build_path
+    failures = []
+
+    def flaky(*args: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise KeyError("engine bug")
+        return real(*args)
+
+    policies = Policies(watch_interval=0.05)
+    try:
+        runtime = await policies.apply(snapshot(bundle(tmp_path / "b", HEADER_POLICY, "r1"), cache={}))
+        authz = runtime.authz
+        assert authz is not None
+        monkeypatch.setattr(runtime_module, "_build_path", flaky)
+        bundle(tmp_path / "b", HEADER_POLICY, "r2")
+        await asyncio.sleep(0.3)
+        assert failures
+        assert authz.primary.engine.revision == "r1"
+        bundle(tmp_path / "b", HEADER_POLICY + "\n", "r3")  # the next change still loads
+        for _ in range(100):
+            if authz.primary.engine.revision == "r3":
+                break
+            await asyncio.sleep(0.02)
+        assert authz.primary.engine.revision == "r3"
+    finally:
+        await policies.close()
+
+
+async def test_claim_headers_are_stripped_in_both_spellings(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(_public_pem())
+    config = compile_document(
+        {
+            "service": "s",
+            "routes": [{"name": "r", "cluster": "c"}],
+            "clusters": [{"name": "c", "endpoints": ["127.0.0.1:9"]}],
+            "authn": {"jwt": {"key_file": str(key), "forward_claims": {"sub": "X-User-Id", "tier": "x-tier"}}},
+        }
+    )
+    policies = Policies()
+    try:
+        runtime = await policies.apply(config)
+        assert runtime.authn is not None
+        assert runtime.authn.claim_headers == ("x-user-id", "x_user_id", "x-tier", "x_tier")
+    finally:
+        await policies.close()
+
+
+def _public_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+async def test_close_closes_engines_still_in_their_retirement_grace(tmp_path: Path) -> None:
+    def opa(url: str) -> Snapshot:
+        return compile_document(
+            {
+                "service": "s",
+                "routes": [{"name": "r", "cluster": "c"}],
+                "clusters": [{"name": "c", "endpoints": ["127.0.0.1:9"]}],
+                "authz": {"engine": "opa", "opa_url": url},
+            }
+        )
+
+    policies = Policies()
+    first = await policies.apply(opa("http://127.0.0.1:9"))
+    assert first.authz is not None
+    engine: Any = first.authz.primary.engine
+    session = engine._client()  # as after a first decision
+    await policies.apply(opa("http://127.0.0.1:10"))  # the first engine now waits out its grace period
+    await policies.close()
+    assert session.closed

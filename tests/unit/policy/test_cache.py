@@ -21,6 +21,13 @@ def test_key_is_canonical_and_tells_absent_from_null() -> None:
     assert key_of(DOC, [("meshgate", "principal", "sub", "deeper")]) == key_of(DOC, [("nope",)])
 
 
+@pytest.mark.parametrize("value", [["absent"], [], None, "", [[]]])
+def test_no_present_value_keys_like_an_absent_one(value: object) -> None:
+    # `?debug=absent` parses to {"debug": ["absent"]}: it must never share the key (and so the cached allow) of a
+    # request without `debug`, which a policy like `allow if not input.parsed_query.debug` judges differently.
+    assert key_of({"q": {"debug": value}}, [("q", "debug")]) != key_of({"q": {}}, [("q", "debug")])
+
+
 def test_key_changes_with_any_keyed_value() -> None:
     paths = [("meshgate", "principal", "sub"), ("attributes", "request", "http", "path")]
     other = {**DOC, "meshgate": {"principal": {"sub": "bob"}, "route": "r"}}

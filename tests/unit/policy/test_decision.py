@@ -18,6 +18,10 @@ from policy.engine import UNDEFINED
         ({"allowed": False}, Decision(False)),
         ({"allowed": False, "reason": "role admin required"}, Decision(False, reason="role admin required")),
         ({"allowed": False, "http_status": 401, "body": "no"}, Decision(False, status=401, body="no")),
+        (
+            {"allowed": False, "http_status": 302, "headers": {"location": "/login"}},
+            Decision(False, status=302, headers=(("location", "/login"),)),
+        ),
         # On an allow the status is meaningless (the upstream answers): ignored, as opa-envoy-plugin does.
         ({"allowed": True, "http_status": 200}, Decision(True)),
         (
@@ -51,10 +55,10 @@ def test_undefined_is_a_deny_marked_undefined() -> None:
         ({"allowed": "true"}, '"allowed" must be a boolean, got a string'),
         (
             {"allowed": False, "http_status": 200},
-            '"http_status" must be an integer from 400 to 599, got the number 200',
+            '"http_status" must be an integer from 300 to 599, got the number 200',
         ),
-        ({"allowed": False, "http_status": True}, '"http_status" must be an integer from 400 to 599, got a boolean'),
-        ({"allowed": False, "http_status": "403"}, '"http_status" must be an integer from 400 to 599, got a string'),
+        ({"allowed": False, "http_status": True}, '"http_status" must be an integer from 300 to 599, got a boolean'),
+        ({"allowed": False, "http_status": "403"}, '"http_status" must be an integer from 300 to 599, got a string'),
         ({"allowed": False, "body": {"a": 1}}, '"body" must be a string, got an object'),
         ({"allowed": False, "reason": 5}, '"reason" must be a string, got the number 5'),
         ({"allowed": True, "headers": ["x"]}, '"headers" must be an object of header names to strings, got a list'),
