@@ -58,6 +58,8 @@ _DERIVED: dict[InputPath, tuple[InputPath, ...]] = {(*_HTTP, "path"): (("parsed_
 # A key over the request id (as the input's id or as the x-request-id header the gateway puts in the headers) makes
 # every request unique: such a cache would only cost memory.
 _REQUEST_IDS: tuple[InputPath, ...] = ((*_HTTP, "id"), (*_HTTP, "headers", "x-request-id"))
+# Built-ins whose result is not a function of the input and the bundle: the clock and randomness.
+_VOLATILE_BUILTINS = frozenset({"time.now_ns", "rand.intn", "uuid.rfc4122"})
 # Seconds a replaced engine stays open for requests that pinned it.
 _RETIRE_GRACE = 30.0
 
@@ -140,6 +142,15 @@ def _plan(
     if not isinstance(engine, EmbeddedEngine):
         key = cache.key if cache.key is not None else OPA_DEFAULT_CACHE_KEY
         return DecisionCache(cache.ttl, cache.max_entries), key
+    volatile = sorted(engine.builtins_called & _VOLATILE_BUILTINS)
+    if volatile:
+        # Not a config error: the policy is fine, only caching its decisions is not.
+        log.warning(
+            "authz_cache_disabled",
+            where=where,
+            reason=f"the policy calls {', '.join(volatile)}: its decisions change without its input changing",
+        )
+        return None, ()
     reads = [read for read in engine.input_refs if not any(read[: len(c)] == c for c in _CONSTANT)]
     if cache.key is None:
         key = tuple(sorted(set(reads)))

@@ -93,6 +93,10 @@ class EmbeddedEngine:
             _raise([_one_line(str(error))])
         _raise(_decision_problems(modules, rule_path(decision)))
         self.input_refs: Final[frozenset[InputPath]] = input_refs(modules, rule_path(decision))
+        # Built-ins the bundle calls: a decision that depends on the clock or on randomness must not be cached.
+        self.builtins_called: Final[frozenset[str]] = (
+            frozenset(call.name for module in modules for call in calls(list(module.rules))) & available_builtins()
+        )
         self._may_be_null = _may_be_null(modules, rule_path(decision))
 
     @property

@@ -67,7 +67,19 @@ _RSA_ALGS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS51
 _EC_ALGS: Final[Mapping[str, str]] = MappingProxyType(
     {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 )
-ASYMMETRIC_ALGORITHMS: Final = _RSA_ALGS | frozenset(_EC_ALGS.values()) | {"EdDSA"}
+# Every signature algorithm a public key can verify, in the order messages list them.
+ASYMMETRIC_ALGORITHMS: Final = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
 
 # The default texts go into `WWW-Authenticate: ... error_description="..."`: fixed strings, never token contents.
 _DESCRIPTIONS: Final[Mapping[str, str]] = MappingProxyType(

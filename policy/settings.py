@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from policy.jwt import JwtRule
+from policy.jwt import ASYMMETRIC_ALGORITHMS, JwtRule
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -23,21 +23,6 @@ __all__ = [
 
 EngineKind = Literal["embedded", "opa"]
 OnError = Literal["deny", "allow"]
-
-# Signature algorithms a public key can verify. HS* would need a shared secret in every sidecar, and "none" is
-# not a signature: neither can be configured.
-ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
-)
 
 
 @dataclass(frozen=True, slots=True)

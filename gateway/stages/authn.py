@@ -9,6 +9,7 @@ trust them. Failures are counted by reason; the token itself is never logged.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -80,11 +81,11 @@ def _claim_headers(claims: dict[str, Any], forward: tuple[tuple[str, str], ...])
             continue
         if isinstance(value, list):
             # Roles and scopes arrive as lists: one comma-separated header, as repeated headers would be joined.
-            text = ",".join(str(item) for item in value)
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
+            text = ",".join(item if isinstance(item, str) else json.dumps(item) for item in value)
+        elif isinstance(value, str):
+            text = value
         else:
-            text = str(value)
+            text = json.dumps(value, separators=(",", ":"))  # numbers, booleans and objects as JSON, not Python repr
         if "\r" not in text and "\n" not in text:
             pairs.append((header, text))
     return tuple(pairs)

@@ -48,6 +48,14 @@ class AuthzStage:
         self._tracer = tracer
         self._log = decision_log
         self._shadows: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        self._failing = False  # decisions are failing open (on_error: allow): logged once, not per request
+
+    def _fail_open(self, decision_id: str, error: str) -> None:
+        # Every such request is counted (decision="error") and has its decision log line; the warning says once
+        # that the gateway is admitting requests without a decision, and policy_error_recovered when that ends.
+        if not self._failing:
+            self._failing = True
+            log.warning("policy_error_allowed", decision_id=decision_id, error=error)
 
     async def __call__(self, ctx: RequestContext, next: Handler) -> web.StreamResponse:
         authz = ctx.serving.policy.authz
@@ -73,11 +81,14 @@ class AuthzStage:
             self._end_span(span, path, decision_id, decision, cache, error)
         if decision is None:
             if authz.settings.on_error == "allow":
-                log.warning("policy_error_allowed", decision_id=decision_id, error=error)
+                self._fail_open(decision_id, error)
                 return await next(ctx)
             # The cause (an OPA address, a policy file and line) stays in the span and the decision log, found by
             # the decision id: a client learns nothing about the gateway's internals from it.
             raise PolicyUnavailable("no policy decision could be made")
+        if self._failing:
+            self._failing = False
+            log.info("policy_error_recovered", decision_id=decision_id)
         if not decision.allowed:
             raise _deny(decision)
         if decision.request_headers_to_remove:

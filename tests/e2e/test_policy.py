@@ -414,6 +414,27 @@ async def test_remote_opa_decides_the_same_and_fails_closed_when_down(
         assert str(port) not in reply["message"]  # the cause (OPA's address) is for the span and decision log
 
 
+async def test_on_error_allow_admits_counts_and_warns_once(
+    tmp_path: Path, keys_dir: tuple[Path, KeyPair, KeyPair], jwks_url: str, upstream_a: int
+) -> None:
+    config = policy_config(jwks_url, upstream_a, tmp_path / "unused")
+    # Nothing listens on this port: every decision fails, and on_error: allow lets the requests through.
+    config["authz"] = {"engine": "opa", "opa_url": f"http://127.0.0.1:{free_port()}", "on_error": "allow"}
+    with gateway(tmp_path, config) as gw:
+        token = Stack(gw, keys_dir[1], keys_dir[2], receiver=None).token()  # type: ignore[arg-type]
+        for _ in range(3):
+            status, headers, _ = await call(f"{gw.url}/orders/1", token)
+            assert status == 200
+            uuid.UUID(headers["x-decision-id"])  # a decision was attempted, and logged under this id
+        exposition = await scrape(gw)
+        assert metric_sum(exposition, "meshgate_authz_decisions_total", http_route="orders", decision="error") == 3
+
+        async def warned() -> list[dict[str, Any]]:
+            return log_events(gw, "policy_error_allowed")
+
+        assert len(await eventually(warned, 5, "the fail-open warning")) == 1
+
+
 def test_check_reports_a_bundle_that_does_not_load(tmp_path: Path) -> None:
     write_bundle(tmp_path / "bundle", 'package meshgate.authz\n\nallow if io.jwt.decode_verify("x", {})\n', "r1")
     config = {

@@ -297,3 +297,14 @@ async def test_close_closes_engines_still_in_their_retirement_grace(tmp_path: Pa
     await policies.apply(opa("http://127.0.0.1:10"))  # the first engine now waits out its grace period
     await policies.close()
     assert session.closed
+
+
+async def test_policy_that_reads_the_clock_is_not_cached(tmp_path: Path) -> None:
+    clock = "package meshgate.authz\n\nimport rego.v1\n\nallow if time.now_ns() < 4102444800000000000\n"
+    policies = Policies()
+    try:
+        runtime = await policies.apply(snapshot(bundle(tmp_path / "b", clock), cache={}))
+        assert runtime.authz is not None
+        assert runtime.authz.primary.cache is None
+    finally:
+        await policies.close()
