@@ -247,7 +247,7 @@ def drop(token: str, index: int) -> str:
     return ".".join(parts)
 
 
-ALL_ALGS_INCLUDING_HMAC = JwtRule(ISS, frozenset({"orders"}), ASYMMETRIC_ALGORITHMS | {"HS256", "none"})
+ALL_ALGS_INCLUDING_HMAC = JwtRule(ISS, frozenset({"orders"}), frozenset(ASYMMETRIC_ALGORITHMS) | {"HS256", "none"})
 RS256_ONLY = JwtRule(ISS, frozenset({"orders"}), frozenset({"RS256"}))
 PINNED = KeySet.from_jwks(jwks(RSA, alg="RS256"))
 
