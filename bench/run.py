@@ -4,6 +4,7 @@ Run from the repository root::
 
     python bench/run.py [--duration 10] [--connections 50] [--out bench/out] [--access-log] [--profile]
     python bench/run.py --telemetry [--rounds 2] [--profile]     # the cost of tracing and the access log
+    python bench/run.py --policy [--rounds 3] [--profile]        # the cost of JWT authn and Rego authz
 
 Targets (each gets a ~2 s warm-up, then one measured ``wrk --latency`` run):
 
@@ -23,6 +24,17 @@ Targets (each gets a ~2 s warm-up, then one measured ``wrk --latency`` run):
     requests x 2 (SERVER + CLIENT) x ratio, and the gateway's CPU split into its event-loop thread and the rest
     (the span export thread). ``--rounds N`` measures the meshgate variants N times, interleaved, and compares
     medians.
+``meshgate-jwt`` / ``meshgate-authz-cache`` / ``meshgate-authz-nocache`` / ``meshgate-authz-log`` (with ``--policy``)
+    as ``meshgate`` (telemetry off) plus ``authn.jwt`` (RS256, keys from a JWKS URL served by a real
+    ``python -m http.server`` on the load core; the one route is ``auth: required``), and for the ``authz`` variants
+    the embedded Rego engine on the shipped bundle ``policy/rego`` with ``cache: {ttl: 60s}`` and
+    ``decision_log: false`` / without ``cache`` / with the cache and ``decision_log: true`` (stdout to /dev/null).
+    The one route is named ``orders-read`` in every variant of the run (``meshgate`` included), and wrk sends
+    ``Authorization: Bearer <token>`` to every target: one RS256 token (``bench/policy_setup.py``) whose ``roles``
+    claim makes the shipped ``data.json`` allow ``GET`` on that route. The sanity check of a policy variant asserts
+    200 with the token (plus ``x-decision-id`` when authz is on) and 401 without it; per measured run the harness
+    reports the change of ``meshgate_authz_decisions_total`` by its ``cache`` label (hit / miss / none) from the
+    admin ``/metrics``, so the cache hit share and "every request was decided" are checked, not assumed.
 
 Pinning (2-core machine): the process under test runs on core 0 (``taskset -c 0``); wrk (``-t1``) and, for the
 proxied targets, the upstream nginx (one worker) share core 1. For ``direct`` the upstream nginx *is* the process
@@ -83,11 +95,25 @@ ALL_TARGETS = (
     "meshgate-trace100",
     "meshgate-trace10",
     "meshgate-all",
+    "meshgate-jwt",
+    "meshgate-authz-cache",
+    "meshgate-authz-nocache",
+    "meshgate-authz-log",
 )
 DEFAULT_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-w2")
 # --telemetry: the cost of telemetry, against the telemetry-off `meshgate` measured in the same run.
 TELEMETRY_TARGETS = ("direct", "nginx-proxy", "meshgate", "meshgate-trace100", "meshgate-trace10", "meshgate-all")
 TELEMETRY_BASE = "meshgate"  # the variant the telemetry overhead ratios are taken against
+# --policy: the cost of JWT authn and Rego authz, against the policy-free `meshgate` measured in the same run.
+POLICY_TARGETS = (
+    "direct",
+    "nginx-proxy",
+    "meshgate",
+    "meshgate-jwt",
+    "meshgate-authz-cache",
+    "meshgate-authz-nocache",
+    "meshgate-authz-log",
+)
 SPANS_PER_REQUEST = 2  # one SERVER span + one CLIENT span per proxied request (one attempt, no retries here)
 
 
@@ -321,8 +347,18 @@ def parse_wrk(output: str, wrk_cpu_s: float = 0.0) -> WrkResult:
     )
 
 
-def run_wrk(url: str, duration: float, connections: int, workdir: Path, timeout_s: float = 5.0) -> WrkResult:
-    """Run ``taskset -c LOAD_CORE wrk -t1`` for ``duration`` seconds; also returns wrk's own CPU time."""
+def run_wrk(
+    url: str,
+    duration: float,
+    connections: int,
+    workdir: Path,
+    timeout_s: float = 5.0,
+    headers: Sequence[str] = (),
+) -> WrkResult:
+    """Run ``taskset -c LOAD_CORE wrk -t1`` for ``duration`` seconds; also returns wrk's own CPU time.
+
+    ``headers`` (``"Name: value"``) are sent on every request (wrk ``-H``).
+    """
     out_path = workdir / "wrk.out"
     argv = [
         "taskset",
@@ -334,6 +370,7 @@ def run_wrk(url: str, duration: float, connections: int, workdir: Path, timeout_
         f"-d{max(1, round(duration))}s",
         "--latency",
         f"--timeout={timeout_s:g}s",
+        *(arg for header in headers for arg in ("-H", header)),
         url,
     ]
     with open(out_path, "wb") as out:
@@ -369,11 +406,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, timeout: float = 2.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """GET ``url`` (no proxies), returning status, headers and body; HTTP errors are returned, not raised."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with opener.open(request, timeout=timeout) as resp:
             return resp.status, dict(resp.headers.items()), resp.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers.items()), error.read()
@@ -503,12 +543,16 @@ def meshgate_yaml(
     otlp_endpoint: str | None = None,
     sample_ratio: float | None = None,
     max_queue: int | None = None,
+    route_name: str = "all",
+    policy: str = "",
 ) -> str:
     """The meshgate config used for all meshgate targets (one catch-all route, one static endpoint).
 
     With ``otlp_endpoint`` (and ``sample_ratio``) it adds ``telemetry.tracing`` (OTLP http/protobuf); otherwise
-    there is no tracing section and nothing is exported.
+    there is no tracing section and nothing is exported. ``policy`` is appended as it is (``authn`` / ``authz``
+    sections); when it has an ``authn`` section the route is ``auth: required``.
     """
+    auth = ", auth: required" if policy.startswith("authn:") or "\nauthn:" in policy else ""
     logs = f"logs: {{level: info, access_log: {'true' if access_log else 'false'}}}"
     if otlp_endpoint is None:
         telemetry = f"telemetry: {{{logs}}}\n"
@@ -525,10 +569,10 @@ service: bench
 listen: 127.0.0.1:{listen}
 admin: 127.0.0.1:{admin}
 routes:
-  - {{name: all, match: {{path_prefix: /}}, cluster: upstream}}
+  - {{name: {route_name}, match: {{path_prefix: /}}, cluster: upstream{auth}}}
 clusters:
   - {{name: upstream, endpoints: ["127.0.0.1:{upstream}"], lb: round_robin}}
-{telemetry}"""
+{telemetry}{policy}"""
 
 
 def start_meshgate(
@@ -542,19 +586,29 @@ def start_meshgate(
     otlp_endpoint: str | None = None,
     sample_ratio: float | None = None,
     max_queue: int | None = None,
-) -> tuple[Managed, int]:
-    """Start meshgate pinned to PROXY_CORE; wait for /readyz on the admin port. Returns (process, listen port)."""
+    route_name: str = "all",
+    policy: str = "",
+    stdout_devnull: bool = False,
+) -> tuple[Managed, int, int]:
+    """Start meshgate pinned to PROXY_CORE; wait for /readyz on the admin port.
+
+    Returns (process, listen port, admin port). stdout goes to /dev/null with ``access_log`` or ``stdout_devnull``
+    (the decision log), to the process log otherwise.
+    """
     listen, admin = free_port(), free_port()
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(meshgate_yaml(listen, admin, upstream, access_log, otlp_endpoint, sample_ratio, max_queue))
+    cfg.write_text(
+        meshgate_yaml(listen, admin, upstream, access_log, otlp_endpoint, sample_ratio, max_queue, route_name, policy)
+    )
     argv = ["taskset", "-c", str(PROXY_CORE), sys.executable, "-m", "gateway", "run", "-c", str(cfg)]
     if workers > 1:
         argv += ["--workers", str(workers)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # The access log is one JSON line per request on stdout: send it to /dev/null, as the brief asks.
-    item = procs.start(name, argv, log=workdir / f"{name}.log", stdout_devnull=access_log, cwd=REPO, env=env)
+    # The access log and the decision log are one JSON line per request on stdout: send them to /dev/null.
+    devnull = access_log or stdout_devnull
+    item = procs.start(name, argv, log=workdir / f"{name}.log", stdout_devnull=devnull, cwd=REPO, env=env)
     wait_ready(f"http://127.0.0.1:{admin}/readyz", item, timeout=60)
-    return item, listen
+    return item, listen, admin
 
 
 def start_sink(procs: Processes, workdir: Path, name: str = "otlp-sink") -> tuple[Managed, int]:
@@ -593,6 +647,55 @@ def wait_exported(port: int, settle: float = 0.5, max_wait: float = 5.0) -> tupl
             return current, round(now - started, 2)
 
 
+@dataclass(frozen=True)
+class PolicyEnv:
+    """``--policy``: the JWKS server's URL, the bearer token and the route name every meshgate variant uses."""
+
+    jwks_url: str
+    token: str
+    route: str
+    claims: dict[str, Any]
+
+    @property
+    def headers(self) -> tuple[str, ...]:
+        return (f"Authorization: Bearer {self.token}",)
+
+    def yaml(self, target: Target) -> str:
+        """The ``authn`` / ``authz`` sections of ``target`` (empty for a policy-free variant)."""
+        setup = _policy_setup()
+        text = setup.authn_yaml(self.jwks_url) if target.authn else ""
+        if target.authz:
+            text += setup.authz_yaml(cache=target.authz_cache, decision_log=target.decision_log)
+        return text
+
+
+def _policy_setup() -> Any:
+    """``bench/policy_setup.py``, imported on first use (pyjwt/cryptography are only needed with --policy)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import policy_setup
+
+    return policy_setup
+
+
+def start_jwks(procs: Processes, workdir: Path, name: str = "jwks") -> tuple[Managed, PolicyEnv]:
+    """A fresh key pair and token, and ``python -m http.server`` on LOAD_CORE publishing ``jwks.json``.
+
+    The gateway fetches the keys at start-up (and every 5 min, the default ``refresh``), so this process is idle
+    during the measurements; it runs for the whole run and is stopped with everything else.
+    """
+    setup = _policy_setup()
+    setup.check_policy_allows()
+    identity = setup.make_identity(workdir / name)
+    port = free_port()
+    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, "-m", "http.server", str(port)]
+    argv += ["--bind", "127.0.0.1", "--directory", str(identity.jwks_dir)]
+    item = procs.start(name, argv, log=workdir / f"{name}.log", cwd=identity.jwks_dir)
+    url = f"http://127.0.0.1:{port}/jwks.json"
+    wait_ready(url, item, timeout=30)
+    return item, PolicyEnv(url, identity.token, setup.ROUTE, dict(identity.claims))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # measurement
 
@@ -607,10 +710,18 @@ class Target:
     workers: int = 1
     access_log: bool = False
     sample_ratio: float | None = None  # None: no telemetry.tracing section (nothing exported)
+    authn: bool = False  # authn.jwt (keys from the bench's JWKS server); the route becomes auth: required
+    authz: bool = False  # authz: embedded engine on the shipped bundle policy/rego
+    authz_cache: bool = False  # authz.cache: {ttl: 60s}
+    decision_log: bool = False  # authz.decision_log (stdout to /dev/null)
 
     @property
     def exports(self) -> bool:
         return self.sample_ratio is not None
+
+    @property
+    def policy(self) -> bool:
+        return self.authn or self.authz
 
 
 TARGETS = {
@@ -646,6 +757,39 @@ TARGETS = {
         "wrk -> meshgate (tracing 1.0 + access log to /dev/null + metrics) -> nginx upstream",
         access_log=True,
         sample_ratio=1.0,
+    ),
+    "meshgate-jwt": Target(
+        "meshgate-jwt",
+        "meshgate",
+        "wrk -> meshgate (authn: RS256 JWT verified against JWKS keys; no authz; telemetry off) -> nginx upstream",
+        authn=True,
+    ),
+    "meshgate-authz-cache": Target(
+        "meshgate-authz-cache",
+        "meshgate",
+        "wrk -> meshgate (JWT authn + embedded Rego authz, policy/rego, cache ttl 60s, decision_log false) -> nginx "
+        "upstream",
+        authn=True,
+        authz=True,
+        authz_cache=True,
+    ),
+    "meshgate-authz-nocache": Target(
+        "meshgate-authz-nocache",
+        "meshgate",
+        "wrk -> meshgate (JWT authn + embedded Rego authz, policy/rego, no cache, decision_log false) -> nginx "
+        "upstream",
+        authn=True,
+        authz=True,
+    ),
+    "meshgate-authz-log": Target(
+        "meshgate-authz-log",
+        "meshgate",
+        "wrk -> meshgate (JWT authn + embedded Rego authz, cache ttl 60s, decision_log true to /dev/null) -> nginx "
+        "upstream",
+        authn=True,
+        authz=True,
+        authz_cache=True,
+        decision_log=True,
     ),
 }
 
@@ -698,7 +842,25 @@ class TargetResult:
     export_drain_s: float | None = None  # after wrk ended, until the sink stopped receiving
     proxy_drain_cpu_s: float | None = None  # the gateway's CPU in that drain (included in proxy_us_per_req)
     sink_us_per_req: float | None = None
+    # policy targets: meshgate_authz_decisions_total over the measured run, by its `cache` label (hit / miss /
+    # none) and by its `decision` label (allow / deny / error), and meshgate_authn_failures_total
+    authz_by_cache: dict[str, int] = field(default_factory=dict)
+    authz_by_decision: dict[str, int] = field(default_factory=dict)
+    authn_failures: int | None = None
     wrk_output: str | None = None
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.latency_ms.get("p99")
+
+    @property
+    def authz_decided(self) -> int | None:
+        return sum(self.authz_by_cache.values()) if self.authz_by_cache else None
+
+    @property
+    def cache_hit_share(self) -> float | None:
+        decided = self.authz_decided
+        return self.authz_by_cache.get("hit", 0) / decided if decided else None
 
     @property
     def spans_exported_share(self) -> float | None:
@@ -707,12 +869,56 @@ class TargetResult:
         return self.spans_received / self.spans_expected
 
 
-def sanity_check(url: str) -> dict[str, Any]:
-    """One request through the target: must be 200 with the 100-byte body."""
-    status, headers, body = http_get(url)
+def sanity_check(url: str, request_headers: Sequence[str] = ()) -> dict[str, Any]:
+    """One request through the target (with the headers wrk will send): must be 200 with the 100-byte body."""
+    sent = dict(h.split(": ", 1) for h in request_headers)
+    status, headers, body = http_get(url, headers=sent)
     if status != 200 or body != BODY.encode():
         raise BenchError(f"sanity GET {url}: status {status}, body {body[:200]!r}")
     return {"status": status, "body_bytes": len(body), "headers": headers}
+
+
+def policy_sanity_check(target: Target, url: str, request_headers: Sequence[str]) -> dict[str, Any]:
+    """Prove the policy path runs: with the token 200 (and an ``x-decision-id`` when authz is on), without it 401."""
+    out = sanity_check(url, request_headers)
+    with_token = {k.lower(): v for k, v in out["headers"].items()}
+    if target.authz and not with_token.get("x-decision-id"):
+        raise BenchError(f"sanity GET {url} with the token: 200 but no x-decision-id header: authz did not run")
+    if not target.authz and "x-decision-id" in with_token:
+        raise BenchError(f"sanity GET {url}: x-decision-id although {target.name} has no authz")
+    status, headers, body = http_get(url)
+    if target.policy:
+        if status != 401:
+            raise BenchError(f"sanity GET {url} without a token: status {status} (expected 401), body {body[:200]!r}")
+    elif status != 200:
+        raise BenchError(f"sanity GET {url} without a token: status {status}, body {body[:200]!r}")
+    without = {k.lower(): v for k, v in headers.items()}
+    out["decision_id"] = with_token.get("x-decision-id")
+    out["without_token"] = {"status": status, "www-authenticate": without.get("www-authenticate")}
+    return out
+
+
+_METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_counts(admin_port: int, name: str, label: str) -> dict[str, float]:
+    """The samples of counter ``name`` on the admin ``/metrics``, summed by the value of ``label``."""
+    status, _, body = http_get(f"http://127.0.0.1:{admin_port}/metrics")
+    if status != 200:
+        raise BenchError(f"admin /metrics answered {status}")
+    out: dict[str, float] = collections.defaultdict(float)
+    for line in body.decode(errors="replace").splitlines():
+        m = _METRIC_LINE.match(line)
+        if not m or m.group("name") != name:
+            continue
+        labels = dict(_LABEL.findall(m.group("labels") or ""))
+        out[labels.get(label, "")] += float(m.group("value"))
+    return dict(out)
+
+
+def _count_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {k: round(v - before.get(k, 0.0)) for k, v in sorted(after.items()) if round(v - before.get(k, 0.0))}
 
 
 @dataclass
@@ -726,6 +932,8 @@ class Running:
     exit_code: int | None = None  # after SIGTERM
     sink_pid: int | None = None  # the OTLP sink (running for the whole run when any target traces)
     sink_port: int | None = None  # set only when this target exports spans to it
+    admin_port: int | None = None  # meshgate's admin listener (/metrics)
+    headers: tuple[str, ...] = ()  # sent by wrk and by the sanity request (the bearer token with --policy)
 
 
 NOISY_CORES = 0.15  # other load above this (in cores) during a measured run triggers a re-measurement
@@ -737,10 +945,11 @@ def measure(target: Target, run: Running, args: argparse.Namespace, workdir: Pat
     At most ``1 + args.retries`` measured runs; the one with the least other load is kept. A target that exports
     spans must have delivered some to the sink by the end of the warm-up, or it fails.
     """
-    sanity = sanity_check(run.url)
+    # --policy: every target gets the token; the policy variants must prove that they check it
+    sanity = policy_sanity_check(target, run.url, run.headers) if run.headers else sanity_check(run.url)
     before = sink_stats(run.sink_port) if run.sink_port else None
     print(f"  [{target.name}] warm-up {args.warmup:g}s ...", flush=True)
-    warmup_rps = run_wrk(run.url, args.warmup, args.connections, workdir).rps
+    warmup_rps = run_wrk(run.url, args.warmup, args.connections, workdir, headers=run.headers).rps
     if run.sink_port and before is not None:
         after, _ = wait_exported(run.sink_port)
         if after["spans"] <= before["spans"]:
@@ -784,6 +993,12 @@ def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir
     result = TargetResult(target.name, target.description, sample_ratio=target.sample_ratio)
     proxy_root, upstream_root, sink_root = run.root_pid, run.upstream_pid, run.sink_pid
     stats0 = wait_exported(run.sink_port)[0] if run.sink_port else None
+    policy_metrics = target.policy and run.admin_port is not None
+    if policy_metrics:
+        assert run.admin_port is not None
+        authz0 = metric_counts(run.admin_port, "meshgate_authz_decisions_total", "cache")
+        decision0 = metric_counts(run.admin_port, "meshgate_authz_decisions_total", "decision")
+        authn0 = metric_counts(run.admin_port, "meshgate_authn_failures_total", "reason")
     accepts0, requests0 = upstream_counters(run.status_port)
     p0 = cpu_ticks(proxy_root)
     m0 = main_thread_ticks(proxy_root)
@@ -791,13 +1006,21 @@ def measure_once(target: Target, run: Running, args: argparse.Namespace, workdir
     k0 = cpu_ticks(sink_root) if sink_root else {}
     c0 = core_times()
     t0 = time.monotonic()
-    wrk = run_wrk(run.url, args.duration, args.connections, workdir)
+    wrk = run_wrk(run.url, args.duration, args.connections, workdir, headers=run.headers)
     wall = time.monotonic() - t0
     c1 = core_times()
     p1 = cpu_ticks(proxy_root)
     u1 = cpu_ticks(upstream_root) if upstream_root else {}
     k1 = cpu_ticks(sink_root) if sink_root else {}
     accepts1, requests1 = upstream_counters(run.status_port)
+    if policy_metrics:
+        assert run.admin_port is not None
+        authz1 = metric_counts(run.admin_port, "meshgate_authz_decisions_total", "cache")
+        decision1 = metric_counts(run.admin_port, "meshgate_authz_decisions_total", "decision")
+        authn1 = metric_counts(run.admin_port, "meshgate_authn_failures_total", "reason")
+        result.authz_by_cache = _count_delta(authz0, authz1)
+        result.authz_by_decision = _count_delta(decision0, decision1)
+        result.authn_failures = sum(_count_delta(authn0, authn1).values())
     # minus the second stub_status reading itself
     result.upstream_new_connections = accepts1 - accepts0 - 1
     result.upstream_requests = requests1 - requests0 - 1
@@ -868,8 +1091,16 @@ def running(
     up_port: int,
     sink: tuple[Managed, int] | None = None,
     max_queue: int | None = None,
+    policy: PolicyEnv | None = None,
 ) -> Iterator[Running]:
-    """Start the process under test pinned to PROXY_CORE, yield it as :class:`Running`, stop it (SIGTERM)."""
+    """Start the process under test pinned to PROXY_CORE, yield it as :class:`Running`, stop it (SIGTERM).
+
+    With ``policy`` (``--policy``) wrk sends its bearer token to every target, and meshgate's route is named
+    ``policy.route`` in every variant, with or without a policy.
+    """
+    if target.policy and policy is None:
+        raise BenchError(f"{target.name} needs the JWKS server and token of --policy")
+    admin: int | None = None
     if target.kind == "direct":
         port = free_port()
         item = start_nginx(procs, "upstream-direct", workdir, upstream_block(port), PROXY_CORE, port)
@@ -885,7 +1116,7 @@ def running(
                 if sink is None:
                     raise BenchError("a tracing target needs the OTLP sink")
                 endpoint = f"http://127.0.0.1:{sink[1]}"
-            item, port = start_meshgate(
+            item, port, admin = start_meshgate(
                 procs,
                 target.name,
                 workdir,
@@ -895,8 +1126,13 @@ def running(
                 otlp_endpoint=endpoint,
                 sample_ratio=target.sample_ratio,
                 max_queue=max_queue,
+                route_name=policy.route if policy else "all",
+                policy=policy.yaml(target) if policy else "",
+                stdout_devnull=target.decision_log,
             )
-        run = Running(f"http://127.0.0.1:{port}/", item.pid, upstream.pid, up_port)
+        run = Running(f"http://127.0.0.1:{port}/", item.pid, upstream.pid, up_port, admin_port=admin)
+    if policy is not None:
+        run.headers = policy.headers
     if sink is not None:
         run.sink_pid = sink[0].pid
         run.sink_port = sink[1] if target.exports else None
@@ -911,13 +1147,15 @@ def target_order(args: argparse.Namespace) -> list[tuple[str, int]]:
     (A B C A B C, so a slow drift of the machine spreads over all variants instead of biasing one)."""
     if args.targets is not None:
         names = list(args.targets)
-    elif args.telemetry:
-        names = list(TELEMETRY_TARGETS)
+    elif args.telemetry or args.policy:
+        names = list(TELEMETRY_TARGETS if args.telemetry else POLICY_TARGETS)
     else:
         names = list(DEFAULT_TARGETS)
     extra = ["meshgate-accesslog"] if args.access_log else []
     if args.telemetry:
         extra += [t for t in TELEMETRY_TARGETS if t.startswith("meshgate-")]
+    if args.policy:
+        extra += [t for t in POLICY_TARGETS if t.startswith("meshgate")]
     names += [t for t in extra if t not in names]
     baselines = [n for n in names if TARGETS[n].kind != "meshgate"]
     variants = [n for n in names if TARGETS[n].kind == "meshgate"]
@@ -934,11 +1172,20 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
     results: list[TargetResult] = []
     upstream: Managed | None = None
     sink: tuple[Managed, int] | None = None
+    jwks: Managed | None = None
+    policy: PolicyEnv | None = None
     up_port = free_port()
     try:
         if any(TARGETS[name].exports for name, _ in order):
             sink = start_sink(procs, workdir)
             print(f"== OTLP sink on core {LOAD_CORE}: http://127.0.0.1:{sink[1]}/v1/traces", flush=True)
+        if args.policy or any(TARGETS[name].policy for name, _ in order):
+            jwks, policy = start_jwks(procs, workdir)
+            print(
+                f"== JWKS on core {LOAD_CORE}: {policy.jwks_url}; RS256 token of {len(policy.token)} bytes, "
+                f"roles {policy.claims.get('roles')}, route {policy.route}",
+                flush=True,
+            )
         for name, rnd in order:
             target = TARGETS[name]
             label = f"{name} (round {rnd})" if args.rounds > 1 and target.kind == "meshgate" else name
@@ -946,7 +1193,7 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
             if target.kind != "direct" and upstream is None:
                 upstream = start_nginx(procs, "upstream", workdir, upstream_block(up_port), LOAD_CORE, up_port)
             try:
-                with running(target, procs, workdir, upstream, up_port, sink, args.trace_max_queue) as run:
+                with running(target, procs, workdir, upstream, up_port, sink, args.trace_max_queue, policy) as run:
                     result = measure(target, run, args, workdir)
                 result.exit_code = run.exit_code
                 result.round = rnd
@@ -959,6 +1206,13 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
                         f"{result.export_requests} export requests",
                         flush=True,
                     )
+                if result.authz_by_cache or result.authn_failures:
+                    print(
+                        f"  [{name}] authz decisions by cache {result.authz_by_cache} "
+                        f"(by decision {result.authz_by_decision}) for {result.requests:,} requests; "
+                        f"authn failures {result.authn_failures}",
+                        flush=True,
+                    )
                 results.append(result)
             except (BenchError, OSError) as error:
                 print(f"  [{name}] FAILED: {error}", flush=True)
@@ -968,6 +1222,8 @@ def run_targets(args: argparse.Namespace, procs: Processes, workdir: Path) -> li
             procs.stop(upstream)
         if sink:
             procs.stop(sink[0])
+        if jwks:
+            procs.stop(jwks)
     return results
 
 
@@ -990,8 +1246,10 @@ def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, 
     up_port = free_port()
     upstream = start_nginx(procs, "upstream-profile", workdir, upstream_block(up_port), LOAD_CORE, up_port)
     sink = start_sink(procs, workdir, "otlp-sink-profile") if target.exports else None
+    jwks, policy = start_jwks(procs, workdir, "jwks-profile") if target.policy else (None, None)
+    headers = policy.headers if policy else ()
     try:
-        mg, port = start_meshgate(
+        mg, port, _ = start_meshgate(
             procs,
             "meshgate-profile",
             workdir,
@@ -1001,11 +1259,17 @@ def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, 
             otlp_endpoint=f"http://127.0.0.1:{sink[1]}" if sink else None,
             sample_ratio=target.sample_ratio,
             max_queue=args.trace_max_queue,
+            route_name=policy.route if policy else "all",
+            policy=policy.yaml(target) if policy else "",
+            stdout_devnull=target.decision_log,
         )
         try:
             url = f"http://127.0.0.1:{port}/"
-            sanity_check(url)
-            run_wrk(url, args.warmup, args.connections, workdir)
+            if policy:
+                policy_sanity_check(target, url, headers)
+            else:
+                sanity_check(url)
+            run_wrk(url, args.warmup, args.connections, workdir, headers=headers)
             passes = [
                 ("flamegraph", out / "profile.svg", []),
                 ("raw", out / "profile.raw.txt", ["--threads", "--full-filenames"]),
@@ -1013,7 +1277,8 @@ def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, 
             for fmt, path, extra in passes:
                 print(f"  [profile] {target.name}: py-spy {fmt} {args.profile_duration:g}s ...", flush=True)
                 load_s = round(args.profile_duration) + 3  # background load slightly longer than the sampling window
-                wrk_argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{load_s}s", url]
+                wrk_argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{load_s}s"]
+                wrk_argv += [arg for header in headers for arg in ("-H", header)] + [url]
                 load = procs.start("wrk-profile-load", ["taskset", "-c", str(LOAD_CORE), *wrk_argv])
                 spy_argv = ["py-spy", "record", "--pid", str(mg.pid), "--duration", str(round(args.profile_duration))]
                 spy_argv += ["--rate", str(args.profile_rate), "--format", fmt, "-o", str(path), *extra]
@@ -1042,6 +1307,8 @@ def profile_meshgate(args: argparse.Namespace, procs: Processes, workdir: Path, 
         procs.stop(upstream)
         if sink:
             procs.stop(sink[0])
+        if jwks:
+            procs.stop(jwks)
     (out / "profile_top.txt").write_text(format_profile(summary))
     return summary
 
@@ -1230,6 +1497,16 @@ def aggregate(results: list[TargetResult]) -> dict[str, dict[str, Any]]:
         row["spans_received"] = sum(r.spans_received or 0 for r in traced) if traced else None
         row["spans_expected"] = sum(r.spans_expected or 0.0 for r in traced) if traced else None
         row["other_load_max"] = max((r.other_load_cores or 0.0) for r in rs)
+        decided = [r for r in rs if r.authz_by_cache]
+        by_cache: collections.Counter[str] = collections.Counter()
+        for r in decided:
+            by_cache.update(r.authz_by_cache)
+        row["authz_by_cache"] = dict(by_cache) if decided else None
+        row["authz_decided"] = sum(by_cache.values()) if decided else None
+        row["authz_requests"] = sum(r.requests or 0 for r in decided) if decided else None
+        row["cache_hit_share"] = by_cache.get("hit", 0) / sum(by_cache.values()) if decided else None
+        failures = [r.authn_failures for r in rs if r.authn_failures is not None]
+        row["authn_failures"] = sum(failures) if failures else None
         out[target] = row
     return out
 
@@ -1248,6 +1525,19 @@ def paired_ratio(results: list[TargetResult], target: str, field: str) -> float 
         if r.ok and r.target == target and base.get(r.round) and getattr(r, field) is not None
     ]
     return _median(pairs)
+
+
+def paired_delta(results: list[TargetResult], target: str, field: str) -> float | None:
+    """The median over rounds of ``target``'s ``field`` minus the baseline's in the same round (see
+    :func:`paired_ratio`)."""
+    base = {r.round: getattr(r, field) for r in results if r.ok and r.target == TELEMETRY_BASE}
+    pairs = [
+        getattr(r, field) - base[r.round]
+        for r in results
+        if r.ok and r.target == target and base.get(r.round) is not None and getattr(r, field) is not None
+    ]
+    median = _median(pairs)
+    return round(median, 2) if median is not None else None
 
 
 def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
@@ -1271,6 +1561,8 @@ def ratios(results: list[TargetResult]) -> dict[str, dict[str, float | None]]:
             "cpu_per_req_vs_meshgate": _ratio(cpu, base["proxy_us_per_req"]) if base else None,
             "cpu_per_req_vs_meshgate_paired": paired_ratio(results, target, "proxy_us_per_req") if base else None,
             "rps_vs_meshgate_paired": paired_ratio(results, target, "rps") if base else None,
+            "p99_vs_meshgate_paired": paired_ratio(results, target, "p99_ms") if base else None,
+            "cpu_delta_us_vs_meshgate_paired": paired_delta(results, target, "proxy_us_per_req") if base else None,
             "cpu_delta_us_vs_meshgate": (
                 round(cpu - base["proxy_us_per_req"], 2)
                 if base and cpu is not None and base["proxy_us_per_req"]
@@ -1318,29 +1610,52 @@ def render(results: list[TargetResult], rel: dict[str, dict[str, float | None]])
     agg = aggregate(results)
     variants = [t for t in agg if t.startswith("meshgate")]
     if TELEMETRY_BASE in agg and len(variants) > 1:
-        lines += [
-            "",
+        # span columns when some variant traces, policy columns when some variant has authn/authz
+        traced = any(agg[t]["spans_received"] is not None for t in variants)
+        policy = any(TARGETS[t].policy for t in variants if t in TARGETS)
+        head = (
             f"| target{median} | rounds | req/s | p50 ms | p99 ms | µs CPU/req | main / other threads µs "
             f"| Δ µs/req vs {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE} | req/s ÷ {TELEMETRY_BASE} "
-            f"| p99 ÷ {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE}, paired | req/s ÷ {TELEMETRY_BASE}, paired "
-            "| spans received / expected | exported | sink µs/req |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+            f"| p99 ÷ {TELEMETRY_BASE} | CPU/req ÷ {TELEMETRY_BASE}, paired | req/s ÷ {TELEMETRY_BASE}, paired |"
+        )
+        columns = 13
+        if policy:
+            head += (
+                f" Δ µs/req vs {TELEMETRY_BASE}, paired | p99 ÷ {TELEMETRY_BASE}, paired "
+                "| authz decisions / requests | cache hit / miss / none | cache hit share | authn failures |"
+            )
+            columns += 6
+        if traced or not policy:
+            head += " spans received / expected | exported | sink µs/req |"
+            columns += 3
+        lines += ["", head, "|---|" + "---:|" * (columns - 1)]
         for target in variants:
             row, r = agg[target], rel[target]
-            received, expected = row["spans_received"], row["spans_expected"]
-            spans = f"{received:,} / {expected:,.0f}" if received is not None and expected is not None else "-"
-            share = _fmt(received / expected, ".1%") if received is not None and expected else "-"
-            lines.append(
+            line = (
                 f"| {target} | {row['rounds']} | {_fmt(row['rps'], ',.0f')} | {_fmt(row['p50'], '.3f')} "
                 f"| {_fmt(row['p99'], '.3f')} | {_fmt(row['proxy_us_per_req'], '.1f')} "
                 f"| {_fmt(row['proxy_main_us_per_req'], '.1f')} / {_fmt(row['proxy_other_threads_us_per_req'], '.1f')} "
                 f"| {_fmt(r['cpu_delta_us_vs_meshgate'], '+.1f')} | {_fmt(r['cpu_per_req_vs_meshgate'], '.3f')} "
                 f"| {_fmt(r['rps_vs_meshgate'], '.3f')} | {_fmt(r['p99_vs_meshgate'], '.2f')} "
-                f"| {_fmt(r['cpu_per_req_vs_meshgate_paired'], '.3f')} | {_fmt(r['rps_vs_meshgate_paired'], '.3f')} "
-                f"| {spans} | {share} "
-                f"| {_fmt(row['sink_us_per_req'], '.1f')} |"
+                f"| {_fmt(r['cpu_per_req_vs_meshgate_paired'], '.3f')} | {_fmt(r['rps_vs_meshgate_paired'], '.3f')} |"
             )
+            if policy:
+                by_cache = row["authz_by_cache"] or {}
+                decided, requests = row["authz_decided"], row["authz_requests"]
+                decisions = f"{decided:,} / {requests:,}" if decided is not None and requests is not None else "-"
+                cache = " / ".join(f"{by_cache.get(k, 0):,}" for k in ("hit", "miss", "none")) if by_cache else "-"
+                line += (
+                    f" {_fmt(r['cpu_delta_us_vs_meshgate_paired'], '+.1f')} "
+                    f"| {_fmt(r['p99_vs_meshgate_paired'], '.2f')} "
+                    f"| {decisions} | {cache} | {_fmt(row['cache_hit_share'], '.1%')} "
+                    f"| {row['authn_failures'] if row['authn_failures'] is not None else '-'} |"
+                )
+            if traced or not policy:
+                received, expected = row["spans_received"], row["spans_expected"]
+                spans = f"{received:,} / {expected:,.0f}" if received is not None and expected is not None else "-"
+                share = _fmt(received / expected, ".1%") if received is not None and expected else "-"
+                line += f" {spans} | {share} | {_fmt(row['sink_us_per_req'], '.1f')} |"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -1400,12 +1715,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "meshgate-trace10, meshgate-all, with an OTLP sink receiving the spans",
     )
     parser.add_argument(
+        "--policy",
+        action="store_true",
+        help="measure the cost of JWT authn and Rego authz: direct, nginx-proxy, meshgate (no policy), meshgate-jwt, "
+        "meshgate-authz-cache, meshgate-authz-nocache, meshgate-authz-log, with a JWKS server and a bearer token",
+    )
+    parser.add_argument(
         "--targets",
         nargs="+",
         choices=ALL_TARGETS,
         default=None,
         help=f"targets to measure, baselines first (default: {' '.join(DEFAULT_TARGETS)}; with --telemetry: "
-        f"{' '.join(TELEMETRY_TARGETS)})",
+        f"{' '.join(TELEMETRY_TARGETS)}; with --policy: {' '.join(POLICY_TARGETS)})",
     )
     parser.add_argument(
         "--rounds",
@@ -1449,14 +1770,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-target",
         choices=[t for t in ALL_TARGETS if TARGETS[t].kind == "meshgate" and TARGETS[t].workers == 1],
         default=None,
-        help="meshgate variant to profile (default: meshgate; meshgate-trace100 with --telemetry)",
+        help="meshgate variant to profile (default: meshgate; meshgate-trace100 with --telemetry, "
+        "meshgate-authz-nocache with --policy)",
     )
     args = parser.parse_args(argv)
+    if args.telemetry and args.policy:
+        parser.error("--telemetry and --policy are separate runs")
     if args.profile_target is None:
         if args.profile_access_log:
             args.profile_target = "meshgate-accesslog"
+        elif args.telemetry:
+            args.profile_target = "meshgate-trace100"
         else:
-            args.profile_target = "meshgate-trace100" if args.telemetry else "meshgate"
+            args.profile_target = "meshgate-authz-nocache" if args.policy else "meshgate"
     if not 1 <= args.rounds <= 10:
         parser.error("--rounds must be 1..10")
     if args.trace_max_queue is not None and not 1 <= args.trace_max_queue <= 1_000_000:
@@ -1507,6 +1833,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rounds": args.rounds,
             "otlp_sink": f"bench/otlp_sink.py on core {LOAD_CORE} (OTLP/HTTP protobuf, spans decoded and counted)",
             "trace_max_queue": args.trace_max_queue,
+            "policy": (
+                "wrk sends 'Authorization: Bearer <RS256 token>' to every target; JWKS from python -m http.server on "
+                f"core {LOAD_CORE}; bundle policy/rego; route orders-read, token roles [orders.read]"
+                if args.policy
+                else None
+            ),
         },
     }
     results: list[TargetResult] = []
