@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -33,6 +33,7 @@ from policy.engine_embedded import EmbeddedEngine
 from policy.engine_remote import RemoteEngine
 from policy.jwks import JwksKeys, KeySource, StaticKeys
 from policy.settings import AuthnSettings, AuthzSettings, CacheSettings, EngineSettings
+from policy.token_cache import VerifiedTokens
 
 __all__ = [
     "AuthnRuntime",
@@ -71,6 +72,7 @@ class AuthnRuntime:
     # Lower-case names of the claim headers (and their `_` spellings): client-sent copies are removed from every
     # request, token or not.
     claim_headers: tuple[str, ...]
+    tokens: VerifiedTokens = field(default_factory=VerifiedTokens)  # per runtime: new settings, new cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ __all__ = [
     "KeySet",
     "Unauthenticated",
     "bearer_token",
+    "check_claims",
     "token_kid",
     "verify",
 ]
@@ -179,7 +180,7 @@ def verify(token: str, keys: KeySet, rule: JwtRule, now: float) -> dict[str, Any
     claims = _json_object(decoded["payload"])
     if claims is None:
         raise Unauthenticated("malformed", "payload is not a JSON object")
-    _check_claims(claims, rule, now)
+    check_claims(claims, rule, now)
     return claims
 
 
@@ -242,7 +243,7 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _check_claims(claims: Mapping[str, Any], rule: JwtRule, now: float) -> None:
+def check_claims(claims: Mapping[str, Any], rule: JwtRule, now: float) -> None:
     exp = _number(claims, "exp")
     nbf = _number(claims, "nbf")
     iat = _number(claims, "iat")

@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.errors import Unauthenticated
 from gateway.pipeline import Handler
+from gateway.policy_runtime import AuthnRuntime
 from policy import jwt
 from telemetry.metrics import Metrics
 
@@ -45,8 +46,7 @@ class AuthnStage:
                 if route.auth == "optional":
                     return await next(ctx)
                 raise jwt.Unauthenticated("missing_token")
-            keys = await authn.keys.keys(jwt.token_kid(token, authn.settings.rule))
-            claims = jwt.verify(token, keys, authn.settings.rule, time.time())
+            claims = await _verify(authn, token)
         except jwt.Unauthenticated as failure:
             self._failures.labels(failure.reason).inc()
             ctx.span.event("authn.failed", {"meshgate.authn.reason": failure.reason})
@@ -55,6 +55,22 @@ class AuthnStage:
         if authn.settings.forward_claims:
             ctx.request_add = _claim_headers(claims, authn.settings.forward_claims)
         return await next(ctx)
+
+
+async def _verify(authn: AuthnRuntime, token: str) -> dict[str, Any]:
+    """The token's claims: from the verified-token cache when it holds this token for the current keys (the time
+    claims are checked again), else by a full verification, remembered for next time."""
+    rule, now = authn.settings.rule, time.time()
+    cached = authn.tokens.kid_of(token)
+    if cached is not None:
+        claims = authn.tokens.claims(token, await authn.keys.keys(cached[0]), rule, now)
+        if claims is not None:
+            return claims
+    kid = jwt.token_kid(token, rule)  # structure and algorithm first: junk never triggers a JWKS refetch
+    keys = await authn.keys.keys(kid)
+    claims = jwt.verify(token, keys, rule, now)
+    authn.tokens.remember(token, kid, keys, claims)
+    return claims
 
 
 def _one_authorization(ctx: RequestContext) -> str | None:
