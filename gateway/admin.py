@@ -26,7 +26,7 @@ from gateway.workers import PeerSet
 from telemetry.metrics import Metrics
 from telemetry.metrics_merge import merge_families, parse_openmetrics
 
-__all__ = ["PEER_TIMEOUT", "AdminState", "build_admin_app"]
+__all__ = ["PEER_TIMEOUT", "AdminState", "build_admin_app", "source_kind"]
 
 log = structlog.get_logger("meshgate.admin")
 
@@ -36,6 +36,12 @@ _OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 # Another process's event loop on the same machine answers in milliseconds; a second means it is wedged. Well within
 # Prometheus's default 10 s scrape timeout.
 PEER_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
+
+
+def source_kind(source: str) -> str:
+    """``file:/etc/gw.yaml`` -> ``file``; ``config_service:http://...`` -> ``config_service``; ``cache:...`` ->
+    ``cache``: a source is stamped ``<kind>:<where>`` by the config source that applied it."""
+    return source.split(":", 1)[0]
 
 
 class AdminState:
@@ -53,11 +59,16 @@ def build_admin_app(
 
     async def readyz(_: web.Request) -> web.Response:
         current = serving()
+        # `source` says where the serving config came from: "file", "config_service", or "cache" (the last good
+        # copy on disk, while the config service could not be reached). `version` is the config service's.
+        source = source_kind(current.snapshot.source) if current is not None else None
+        version = current.snapshot.version if current is not None else None
+        body: dict[str, object] = {"ready": False, "source": source, "version": version}
         if state.draining:
-            return web.json_response({"status": "draining"}, status=503)
+            return web.json_response({"status": "draining", **body}, status=503)
         if current is None:
-            return web.json_response({"status": "no config loaded"}, status=503)
-        return web.json_response({"status": "ready", "version": current.snapshot.version})
+            return web.json_response({"status": "no config loaded", **body}, status=503)
+        return web.json_response({"status": "ready", **body, "ready": True})
 
     async def local_metrics(request: web.Request) -> web.Response:
         """This process's registry: the whole gateway alone, one worker's share (on its socket) under workers."""

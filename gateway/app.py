@@ -16,8 +16,11 @@ import structlog
 from aiohttp import web
 
 from gateway.admin import AdminState, build_admin_app
+from gateway.config.bootstrap import Bootstrap, load_config, read_token
 from gateway.config.errors import ConfigError
-from gateway.config.sources.file import FileSource, read_config
+from gateway.config.snapshot import Snapshot
+from gateway.config.sources.file import FileSource
+from gateway.config.sources.remote import RemoteSource
 from gateway.config.store import SnapshotStore
 from gateway.pipeline import Handler, Stage, compose
 from gateway.policy_runtime import Policies
@@ -31,6 +34,7 @@ from gateway.stages.ratelimit import RateLimitStage
 from gateway.stages.rescue import Rescue
 from gateway.stages.route import RouteStage
 from gateway.upstream.clusters import Upstreams
+from gateway.upstream.registry import RegistryClient
 from gateway.workers import PeerSet
 from telemetry import logging as tlogging
 from telemetry.access_log import AccessLog
@@ -69,12 +73,22 @@ def build_pipeline(
 
 
 async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: PeerSet | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code.
+
+    A plain config file is served at once (``FileSource``). A bootstrap file (one with ``config_service``) binds
+    its listeners at once and takes its config from the service, or from the cached copy (``RemoteSource``).
+    """
+    token = ""
     try:
-        first = read_config(config_path)
+        loaded = load_config(config_path)
+        if isinstance(loaded, Bootstrap):
+            token = read_token(loaded.settings.token_file)  # fail fast: one that can never authenticate is a typo
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 1
+    bootstrap = loaded if isinstance(loaded, Bootstrap) else None
+    # The settings the process starts with (listeners, parser limits, logs): the config file, or the bootstrap.
+    first: Snapshot = loaded.snapshot if isinstance(loaded, Bootstrap) else loaded
     tlogging.configure(first.logs.level, first.service)
     metrics = Metrics()
     rng = random.Random()
@@ -85,7 +99,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     server = GatewayServer(build_pipeline(metrics, rng, access_log, ratelimit, tracer), metrics)
     # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
     metrics.active_requests.set_function(lambda: server.in_flight)
-    upstreams = Upstreams(rng, grace=5.0, metrics=metrics)
+    # Clusters with `discovery: {registry: NAME}` follow the config service's instance registry.
+    registry = RegistryClient(bootstrap.settings.url, token, rng=rng) if bootstrap is not None else None
+    upstreams = Upstreams(rng, grace=5.0, metrics=metrics, registry=registry)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
     metrics.log_drops(lambda: default_writer().dropped)
     metrics.span_counts(tracer.counts)
@@ -95,13 +111,21 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         server.serving = serving
         # Sampling and propagation follow a reload at once; a new export target gets a new exporter.
         tracer.configure(serving.snapshot.tracing, serving.snapshot.service, span_batcher)
-        old, new = (previous.snapshot if previous else None), serving.snapshot
-        if old is not None and (old.logs.level, old.service) != (new.logs.level, new.service):
+        # Before the first config, logging was set up from the bootstrap: a pushed level must take over from it.
+        old, new = (previous.snapshot if previous else first), serving.snapshot
+        if (old.logs.level, old.service) != (new.logs.level, new.service):
             tlogging.configure(new.logs.level, new.service)  # a renamed service: log lines must follow the spans
 
     policies = Policies()
     store = SnapshotStore(upstreams, metrics, publish, policies)
-    source = FileSource(config_path, store)
+    source: FileSource | RemoteSource
+    if bootstrap is None:
+        source = FileSource(config_path, store)
+    else:
+        source = RemoteSource(bootstrap, store, rng)
+        # The listeners are bound with the bootstrap's settings before any config arrives: a pushed version must
+        # keep them (parser limits belong in the bootstrap).
+        store.bind(first)
     admin_state = AdminState()
     admin_runner = web.AppRunner(
         # peers (--workers only): /metrics answers for the whole group, see gateway/admin.py.
@@ -110,7 +134,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         handle_signals=False,
     )
     try:
-        await source.load_initial(first)
+        if isinstance(source, FileSource):
+            await source.load_initial(first)
     except ConfigError as error:  # a policy bundle that does not load: nothing is bound yet
         print(str(error), file=sys.stderr)
         await upstreams.close()
@@ -137,11 +162,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         # The proxy listener first, the admin one second: /readyz may only say 200 once the proxy port accepts.
-        await server.start(
-            snapshot.listen.host,
-            snapshot.listen.port,
-            reuse_port=reuse_port,
-        )
+        await server.start(snapshot.listen.host, snapshot.listen.port, reuse_port=reuse_port, limits=snapshot.limits)
         await admin_runner.setup()
         await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
     except OSError as exc:
@@ -154,23 +175,31 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         await policies.close()
         return 1
 
+    # A remote source starts here: its first version (or the cached copy) makes /readyz 200, never before.
     source.start()
     # Objects built at start-up live forever: move them out of the collector's way (cyclic GC showed up at 13% of
     # native time in the profiled proxy), and collect young objects less often.
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    log.info("gateway_started", listen=str(snapshot.listen), admin=str(snapshot.admin), version=1)
+    log.info(
+        "gateway_started",
+        listen=str(snapshot.listen),
+        admin=str(snapshot.admin),
+        version=server.serving.snapshot.version if server.serving else None,
+        config_service=bootstrap.settings.url if bootstrap else None,
+    )
 
     await stop.wait()
     admin_state.draining = True
     await source.stop()  # no reload may start mid-drain
-    assert server.serving is not None
-    drain_timeout = server.serving.snapshot.limits.drain_timeout
+    drain_timeout = (server.serving.snapshot if server.serving else first).limits.drain_timeout
     log.info("draining", drain_timeout=drain_timeout)
     await server.stop(drain_timeout)
     await admin_runner.cleanup()
     await upstreams.close()
+    if registry is not None:
+        await registry.close()  # Upstreams does not own it
     await policies.close()
     await ratelimit.close()
     # Spans of the last requests are still queued: export them, bounded (a dead collector must not hold the exit).

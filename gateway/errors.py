@@ -14,6 +14,7 @@ __all__ = [
     "CircuitOpen",
     "GatewayError",
     "NoHealthyUpstream",
+    "NotReady",
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
@@ -60,6 +61,13 @@ class UpstreamUnavailable(GatewayError):
 class NoHealthyUpstream(GatewayError):
     status = 503
     code = "no_healthy_upstream"
+
+
+class NotReady(GatewayError):
+    """No config is serving yet (a gateway started from a bootstrap file, waiting for its config service)."""
+
+    status = 503
+    code = "not_ready"
 
 
 class UpstreamTimeout(GatewayError):

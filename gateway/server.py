@@ -17,8 +17,9 @@ import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.config.snapshot import Limits
 from gateway.context import RequestContext
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, GatewayError, NotReady
 from gateway.headers import new_request_id
 from gateway.pipeline import Handler
 from gateway.serving import Serving
@@ -48,7 +49,8 @@ class GatewayServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         serving = self.serving
-        assert serving is not None  # the listener starts only after the first config is serving
+        if serving is None:
+            return self._not_ready()
         ctx = RequestContext(request, serving, time.perf_counter())
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
@@ -62,10 +64,20 @@ class GatewayServer:
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
 
-    async def start(self, host: str, port: int, *, reuse_port: bool) -> None:
-        serving = self.serving
-        assert serving is not None
-        limits = serving.snapshot.limits
+    def _not_ready(self) -> web.StreamResponse:
+        """A gateway started from a bootstrap binds its port before its first config arrives: until then every
+        request is a 503 (``/readyz`` says so too, so a load balancer should not have sent it)."""
+        self._metrics.local_replies.labels("unmatched", NotReady.code).inc()
+        response = local_reply(NotReady("no config is serving yet"), new_request_id())
+        response.headers["Retry-After"] = "1"
+        return response
+
+    async def start(self, host: str, port: int, *, reuse_port: bool, limits: Limits | None = None) -> None:
+        """Listen on ``host:port``. The parser limits are ``limits``, or the serving config's (then required)."""
+        if limits is None:
+            serving = self.serving
+            assert serving is not None
+            limits = serving.snapshot.limits
         server = _Server(
             self.handle,
             metrics=self._metrics,

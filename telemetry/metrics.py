@@ -8,6 +8,7 @@ endpoint health) is read at scrape time through ``StateGauges`` instead of being
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -15,7 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["AUTHZ_BUCKETS", "DURATION_BUCKETS", "Labelled", "Metrics", "StateRow"]
+__all__ = [
+    "AUTHZ_BUCKETS",
+    "DURATION_BUCKETS",
+    "PUSH_TO_APPLIED_BUCKETS",
+    "ConfigServiceMetrics",
+    "Labelled",
+    "Metrics",
+    "StateRow",
+]
 
 # OpenTelemetry semantic-convention bucket advice for http.*.request.duration, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -256,3 +265,72 @@ class _StateGauges(Collector):
     def describe(self) -> Iterator[GaugeMetricFamily]:
         for name, documentation, labels, _rows in self._families:
             yield GaugeMetricFamily(name, documentation, labels=list(labels))
+
+
+# The config service answers long-polls that last up to a minute; the rest of its calls take milliseconds. Rollout
+# latency (push to applied by a gateway) runs from well under a second to minutes when a gateway is down.
+PUSH_TO_APPLIED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+
+class ConfigServiceMetrics:
+    """The families of ``meshgate configservice`` (the control plane), on its own registry, served at its
+    ``/metrics``. Labels: ``route`` is the API route template (``/v1/services/{service}/config``, ``unmatched``),
+    never the raw path; ``service``, ``gateway`` and bundle ``name`` are bounded by the fleet the operator runs."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Labelled(
+            Counter(
+                "meshgate_configservice_requests_total",
+                "API calls answered, by route template and status code.",
+                ["route", "code"],
+                registry=r,
+            )
+        )
+        self.pushes = Labelled(
+            Counter(
+                "meshgate_configservice_pushes_total",
+                "Config pushes and rollbacks by result: created (a new version), unchanged (same content as the "
+                "latest: no version), rejected (invalid: nothing stored).",
+                ["service", "result"],
+                registry=r,
+            )
+        )
+        self.latest_version = Labelled(
+            Gauge(
+                "meshgate_configservice_latest_version", "Latest config version per service.", ["service"], registry=r
+            )
+        )
+        self.applied_version = Labelled(
+            Gauge(
+                "meshgate_configservice_gateway_applied_version",
+                "The config version each polling gateway last reported as applied.",
+                ["service", "gateway"],
+                registry=r,
+            )
+        )
+        self.push_to_applied = Histogram(
+            "meshgate_configservice_push_to_applied_seconds",
+            "From a version's creation to a gateway first reporting it applied (one sample per gateway and version).",
+            buckets=PUSH_TO_APPLIED_BUCKETS,
+            registry=r,
+        )
+        self.watchers = Gauge(
+            "meshgate_configservice_watchers", "Long-polls parked right now (configs and instance lists).", registry=r
+        )
+        # Not cached through Labelled: a bundle's old revision series is removed when a new one is stored.
+        self.bundle_info = Gauge(
+            "meshgate_configservice_bundle_info",
+            "1 for each stored policy bundle, labelled with its current revision.",
+            ["name", "revision"],
+            registry=r,
+        )
+
+    def bundle_stored(self, name: str, revision: str, previous: str | None) -> None:
+        """Move ``bundle_info{name}`` to ``revision`` (the old revision's series goes, it is not 0 forever)."""
+        if previous is not None and previous != revision:
+            # KeyError: never exported by this process (stored before it started).
+            with contextlib.suppress(KeyError):
+                self.bundle_info.remove(name, previous)
+        self.bundle_info.labels(name, revision).set(1)

@@ -46,6 +46,9 @@ def wait_http(url: str, timeout: float = 15.0, process: subprocess.Popen[bytes] 
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError as exc:  # answered, but not 200 yet (a 503 /readyz): close its socket
+            exc.close()
+            last = exc
         except (urllib.error.URLError, OSError) as exc:
             last = exc
         time.sleep(0.05)

@@ -1,9 +1,11 @@
 """Compile the ``clusters`` section: each entry becomes a frozen ``Cluster``, every problem recorded with its path.
 
-A cluster gets its endpoints from exactly one source: a static ``endpoints`` list or ``discovery`` (DNS here; the
-registry comes with the config service). Endpoint addresses are parsed once, here. The resilience settings
-(``circuit_breaker``, ``outlier_detection``, ``health_check``, ``retry_budget``) are checked for consistency
-(a maximum below its base, a check timeout above its interval) so the runtime can trust them.
+A cluster gets its endpoints from exactly one source: a static ``endpoints`` list or ``discovery``, either DNS or the
+config service's instance registry. The registry needs the config service's address and token, which only the
+top-level ``config_service`` section gives: the caller says whether that section is there (``registry_available``).
+Endpoint addresses are parsed once, here. The resilience settings (``circuit_breaker``, ``outlier_detection``,
+``health_check``, ``retry_budget``) are checked for consistency (a maximum below its base, a check timeout above its
+interval) so the runtime can trust them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gateway.config.snapshot import (
     HashOn,
     HealthCheck,
     OutlierDetection,
+    RegistryDiscovery,
     RetryBudget,
 )
 from gateway.config.values import quote
@@ -60,8 +63,7 @@ CLUSTER_KEYS = (
 )
 CLUSTER_UNSUPPORTED = ("tls", "mesh_identity")
 ENDPOINT_KEYS = ("address", "weight")
-DISCOVERY_KEYS = ("dns", "refresh")
-DISCOVERY_UNSUPPORTED = ("registry",)
+DISCOVERY_KEYS = ("dns", "refresh", "registry")
 BREAKER_KEYS = ("max_requests", "max_pending", "consecutive_failures", "open_for", "max_open_for")
 OUTLIER_KEYS = ("consecutive_5xx", "base_ejection_time", "max_ejection_time", "max_ejection_percent")
 HEALTH_CHECK_KEYS = ("path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold", "panic_threshold")
@@ -80,6 +82,12 @@ _CHECK_PATH = re.compile(r"/[!-\"$-~]*")
 _CHECK_PATH_HINT = 'percent-encode spaces and non-ASCII characters; no "#"'
 
 _cluster_name = matching(NAME, "name", NAME_HINT)
+# The registry is keyed by the service name a gateway's top-level `service` uses: the same alphabet, so a typo in
+# case or punctuation is caught here instead of as a cluster that silently never gets an instance.
+_SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+_registry_service = matching(
+    _SERVICE, "service name", 'use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit'
+)
 _lb = choice(LB_POLICIES, "policy")
 _positive_duration = duration(positive=True)
 _endpoint_weight = integer(1, 1000)
@@ -103,18 +111,20 @@ class ClusterSection:
     names: list[str] | None = None
 
 
-def compile_clusters(value: object, problems: Problems) -> ClusterSection:
+def compile_clusters(value: object, problems: Problems, *, registry_available: bool = False) -> ClusterSection:
+    """Compile the ``clusters`` list. ``registry_available``: the config has a ``config_service`` section, so
+    ``discovery: {registry: ...}`` has a config service to ask (without one it is a problem, not a silent no-op)."""
     entries = items(value, "clusters", problems, empty="must have at least one cluster")
     section = ClusterSection(names=[] if isinstance(value, list) else None)
     seen: dict[str, str] = {}
     for path, item in entries:
         fields = Fields.of(item, path, problems, CLUSTER_KEYS, CLUSTER_UNSUPPORTED)
         if fields is not None:
-            _declare(fields, section, seen)
+            _declare(fields, section, seen, registry_available)
     return section
 
 
-def _declare(fields: Fields, section: ClusterSection, seen: dict[str, str]) -> None:
+def _declare(fields: Fields, section: ClusterSection, seen: dict[str, str], registry_available: bool) -> None:
     raw_name = fields.raw.get("name")
     if isinstance(raw_name, str) and section.names is not None:
         # Even an invalid name counts as declared: a route using it should not get a second, "unknown" problem.
@@ -122,15 +132,15 @@ def _declare(fields: Fields, section: ClusterSection, seen: dict[str, str]) -> N
     name = fields.required("name", _cluster_name)
     if name is not None:
         first_use(name, fields.at("name"), fields.path, seen, fields.problems, "cluster name")
-    cluster = _cluster(fields, name)
+    cluster = _cluster(fields, name, registry_available)
     if cluster is not None and cluster.name not in section.clusters:
         section.clusters[cluster.name] = cluster
 
 
-def _cluster(fields: Fields, name: str | None) -> Cluster | None:
+def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Cluster | None:
     source = fields.exactly_one(("endpoints", "discovery"))
     endpoints = _endpoints(fields) if source == "endpoints" else ()
-    dns = _discovery(fields) if source == "discovery" else None
+    dns, registry = _discovery(fields, registry_available) if source == "discovery" else (None, None)
     lb = fields.get("lb", _lb, _DEFAULT.lb)
     hash_on = _hash_on(fields, lb)
     connect_timeout = fields.get("connect_timeout", _positive_duration, _DEFAULT.connect_timeout)
@@ -139,7 +149,7 @@ def _cluster(fields: Fields, name: str | None) -> Cluster | None:
     outlier_detection = _outlier_detection(fields)
     health_check = _health_check(fields)
     retry_budget = _retry_budget(fields)
-    if name is None or (not endpoints and dns is None):
+    if name is None or (not endpoints and dns is None and registry is None):
         return None  # already reported; the compiler raises before any Cluster is used
     return Cluster(
         name,
@@ -153,6 +163,7 @@ def _cluster(fields: Fields, name: str | None) -> Cluster | None:
         outlier_detection=outlier_detection,
         health_check=health_check,
         retry_budget=retry_budget,
+        registry=registry,
     )
 
 
@@ -186,17 +197,25 @@ def _endpoint(entry: object, path: str, problems: Problems) -> EndpointSpec | No
     return EndpointSpec(parsed, weight) if parsed is not None else None
 
 
-def _discovery(cluster: Fields) -> DnsDiscovery | None:
-    fields = Fields.of(
-        cluster.raw["discovery"], cluster.at("discovery"), cluster.problems, DISCOVERY_KEYS, DISCOVERY_UNSUPPORTED
-    )
+def _discovery(cluster: Fields, registry_available: bool) -> tuple[DnsDiscovery | None, RegistryDiscovery | None]:
+    fields = Fields.of(cluster.raw["discovery"], cluster.at("discovery"), cluster.problems, DISCOVERY_KEYS)
     if fields is None:
-        return None
-    if "registry" in fields.raw:
-        return None  # reported as not supported; "dns: required" on top of it would only confuse
+        return None, None
+    kind = fields.exactly_one(("dns", "registry"))
+    if kind == "registry":
+        if fields.has("refresh"):
+            # The registry is watched (long-poll), not polled: a refresh period would be a setting that does nothing.
+            fields.problems.add(fields.at("refresh"), "only allowed with dns (the registry is watched, not polled)")
+        service = fields.required("registry", _registry_service)
+        if service is not None and not registry_available:
+            fields.problems.add(fields.at("registry"), "needs a config_service section")
+            return None, None
+        return None, (RegistryDiscovery(service) if service is not None else None)
+    if kind != "dns":
+        return None, None  # none or both: already reported
     target = fields.required("dns", address)
     refresh = fields.get("refresh", _positive_duration, _DEFAULT_REFRESH)
-    return DnsDiscovery(target.host, target.port, refresh) if target is not None else None
+    return (DnsDiscovery(target.host, target.port, refresh) if target is not None else None), None
 
 
 def _hash_on(cluster: Fields, lb: str) -> HashOn:

@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from typing import Literal
 
 from gateway.config.clusters import ClusterSection, compile_clusters
+from gateway.config.config_service import compile_config_service
 from gateway.config.document import canonical_hash, load_text, redact
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
 from gateway.config.policy import compile_policy
@@ -47,9 +48,10 @@ TOP_KEYS = (
     "rate_limit_service",
     "authn",
     "authz",
+    "config_service",
 )
 # Never ignored silently: a gateway that dropped, say, its mesh section would serve plain text where mTLS was asked.
-TOP_UNSUPPORTED = ("config_service", "tls", "mesh")
+TOP_UNSUPPORTED = ("tls", "mesh")
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
 RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
@@ -67,13 +69,18 @@ _LIMITS = Limits()
 _RATE_LIMIT_SERVICE = RateLimitService(Address("127.0.0.1", 6379))
 
 
-def compile_text(text: str) -> Snapshot:
+def compile_text(text: str, *, partial: bool = False) -> Snapshot:
     """Decode YAML (or JSON) ``text`` and compile it; ``ConfigError`` lists every problem found."""
-    return compile_document(load_text(text))
+    return compile_document(load_text(text), partial=partial)
 
 
-def compile_document(document: object) -> Snapshot:
-    """Compile an already decoded document (plain dicts, lists and scalars); ``ConfigError`` lists every problem."""
+def compile_document(document: object, *, partial: bool = False) -> Snapshot:
+    """Compile an already decoded document (plain dicts, lists and scalars); ``ConfigError`` lists every problem.
+
+    ``partial``: a bootstrap file, whose routes and clusters come from the config service. ``routes`` and
+    ``clusters`` may then be missing (the snapshot has none, and is never served: it only gives the listeners,
+    the parser limits, the logs and the ``config_service`` settings); whatever the bootstrap does say is checked.
+    """
     if document is None:
         raise ConfigError([Problem(DOCUMENT, "the document is empty")])
     if not isinstance(document, Mapping):
@@ -82,18 +89,21 @@ def compile_document(document: object) -> Snapshot:
     fields = Fields(document, "", problems, TOP_KEYS, TOP_UNSUPPORTED)
     service = fields.required("service", _service)
     listen, admin = _listeners(fields)
+    config_service = compile_config_service(fields)
     # Clusters are compiled first (routes refer to them) but their problems are listed after the routes', in the
     # order the sections usually appear in a file.
     cluster_problems = Problems()
-    section = _clusters(fields, cluster_problems)
+    section = _clusters(fields, cluster_problems, partial)
     policy = compile_policy(fields)
-    routes = _routes(fields, section.names if section is not None else None)
+    routes = _routes(fields, section.names if section is not None else None, partial)
     problems.extend(cluster_problems)
     limits = _limits(fields)
     telemetry = compile_telemetry(fields)
     rate_limit_service = _rate_limit_service(fields)
-    if service is None or section is None or problems.since(0):
+    if service is None or problems.since(0):
         raise ConfigError(problems.items)
+    if section is None:  # only a partial compile gets here without clusters
+        section = ClusterSection()
     return Snapshot(
         service=service,
         listen=listen,
@@ -107,21 +117,25 @@ def compile_document(document: object) -> Snapshot:
         rate_limit_service=rate_limit_service,
         authn=policy.authn,
         authz=policy.authz,
+        config_service=config_service,
         hash=canonical_hash(document),
         document=redact(document),
     )
 
 
-def _clusters(top: Fields, problems: Problems) -> ClusterSection | None:
+def _clusters(top: Fields, problems: Problems, partial: bool) -> ClusterSection | None:
     if not top.has("clusters"):
-        problems.add("clusters", "required")
+        if not partial:
+            problems.add("clusters", "required")
         return None
-    return compile_clusters(top.raw["clusters"], problems)
+    # Registry discovery asks the config service, so it needs the section that says where that is.
+    return compile_clusters(top.raw["clusters"], problems, registry_available=top.has("config_service"))
 
 
-def _routes(top: Fields, cluster_names: Collection[str] | None) -> list[Route]:
+def _routes(top: Fields, cluster_names: Collection[str] | None, partial: bool) -> list[Route]:
     if not top.has("routes"):
-        top.problems.add("routes", "required")
+        if not partial:
+            top.problems.add("routes", "required")
         return []
     # Only whether rate_limit_service is there matters to a route; its own problems are reported once, below.
     shared_limits = top.has("rate_limit_service")

@@ -21,6 +21,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 __all__ = [
     "Address",
     "CircuitBreaker",
+    "ConfigService",
     "Cluster",
     "Fallback",
     "FallbackResponse",
@@ -34,6 +35,7 @@ __all__ = [
     "RetryPolicy",
     "RETRY_CONDITIONS",
     "DnsDiscovery",
+    "RegistryDiscovery",
     "EndpointSpec",
     "HashOn",
     "HeaderMatch",
@@ -200,6 +202,17 @@ class DnsDiscovery:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryDiscovery:
+    """Follow ``service``'s instances in the config service's registry; each instance's ``host:port`` is an endpoint.
+
+    Where the config service is and how to authenticate to it is not here: that is the bootstrap's
+    ``config_service`` section, turned into a client handle by the app and injected into the upstream runtimes.
+    """
+
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
 class HashOn:
     """What ``ring_hash`` hashes: a request header, a cookie, or the client address."""
 
@@ -248,7 +261,7 @@ class RetryBudget:
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
-    endpoints: tuple[EndpointSpec, ...] = ()  # static list; empty when `dns` is set
+    endpoints: tuple[EndpointSpec, ...] = ()  # static list; empty when `dns` or `registry` is set
     dns: DnsDiscovery | None = None
     lb: LbPolicy = "round_robin"
     hash_on: HashOn = HashOn("client")
@@ -258,6 +271,8 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     health_check: HealthCheck | None = None
     retry_budget: RetryBudget = RetryBudget()
+    # Last, not next to `dns`: Cluster is built positionally in places, and a new field must not shift the others.
+    registry: RegistryDiscovery | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +303,22 @@ class RateLimitService:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigService:
+    """The bootstrap's ``config_service`` section: where the rest of the config comes from.
+
+    ``token_file`` and ``cache_dir`` are resolved against the bootstrap file's directory when it is read;
+    ``gateway_id`` ``None`` means ``<service>-<hostname>-<listen port>`` (stable across restarts).
+    """
+
+    url: str  # base URL, no trailing slash
+    token_file: str
+    cache_dir: str = ".meshgate-cache"
+    gateway_id: str | None = None
+    poll_wait: float = 30.0
+    bundle_refresh: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One validated configuration. ``routes`` is in file order (first match wins)."""
 
@@ -303,6 +334,7 @@ class Snapshot:
     rate_limit_service: RateLimitService | None = None
     authn: AuthnSettings | None = None  # None: no token is verified, the principal is null
     authz: AuthzSettings | None = None  # None: no policy decision is made
+    config_service: ConfigService | None = None  # None: everything comes from this file
     # Provenance, for /config and the reload log.
     version: int = 0
     source: str = ""

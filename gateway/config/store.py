@@ -30,6 +30,7 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Snapshot], object]], ...] = (
     ("limits.max_request_line", lambda s: s.limits.max_request_line),
     ("limits.max_header_size", lambda s: s.limits.max_header_size),
     ("limits.max_headers", lambda s: s.limits.max_headers),
+    ("config_service", lambda s: s.config_service),  # file or config service: chosen once, at start-up
 )
 
 
@@ -47,20 +48,33 @@ class SnapshotStore:
         self._publish = publish
         self.current: Serving | None = None
         self._version = 0
+        self._bound: Snapshot | None = None
 
-    async def apply(self, snapshot: Snapshot, source: str) -> Serving:
+    def bind(self, snapshot: Snapshot) -> None:
+        """The listeners were started with ``snapshot``'s restart-only settings before any config served (a
+        bootstrap file): the first applied config must match them too."""
+        self._bound = snapshot
+
+    async def apply(self, snapshot: Snapshot, source: str, *, version: int | None = None) -> Serving:
         """Serve ``snapshot`` from now on, or raise ConfigError and keep serving the current one.
 
-        A raised ConfigError is not counted or logged here: the caller reports it with ``rejected()``.
+        ``version``: the config service's version number (shown by /config and ``meshgate_config_version``);
+        ``None`` numbers applied configs 1, 2, 3 ... in this process. A raised ConfigError is not counted or logged
+        here: the caller reports it with ``rejected()``.
         """
         current = self.current
-        if current is not None:
-            if snapshot.hash == current.snapshot.hash:
+        if current is not None and snapshot.hash == current.snapshot.hash:
+            if version is None or (version, source) == (current.snapshot.version, current.snapshot.source):
                 return current  # an edit that changed nothing (touch, rewrite of the same content)
+            # The same content under another version or source (a rollback, the service confirming the cached
+            # copy): runtimes are kept, only the provenance changes.
+            return self._swap(Serving(self._stamp(current.snapshot, source, version), current.clusters, current.policy))
+        reference = current.snapshot if current is not None else self._bound
+        if reference is not None:
             problems = [
                 Problem(path, "cannot change while running (restart meshgate to apply)")
                 for path, get in _RESTART_ONLY
-                if get(snapshot) != get(current.snapshot)
+                if get(snapshot) != get(reference)
             ]
             if problems:
                 # Not counted here: the source catches the error and calls rejected(), which counts and logs it
@@ -68,15 +82,21 @@ class SnapshotStore:
                 raise ConfigError(tuple(problems))
         # Policies first: a bundle that fails to load rejects the config before any upstream state changes.
         policy = await self._policies.apply(snapshot)
-        self._version += 1
-        stamped = dataclasses.replace(snapshot, version=self._version, source=source, loaded_at=time.time())
+        stamped = self._stamp(snapshot, source, version)
         clusters = await self._upstreams.apply(stamped.clusters)
-        serving = Serving(stamped, clusters, policy)
+        return self._swap(Serving(stamped, clusters, policy))
+
+    def _stamp(self, snapshot: Snapshot, source: str, version: int | None) -> Snapshot:
+        self._version = version if version is not None else self._version + 1
+        return dataclasses.replace(snapshot, version=self._version, source=source, loaded_at=time.time())
+
+    def _swap(self, serving: Serving) -> Serving:
         self.current = serving
         self._publish(serving)  # the atomic swap: one attribute store, read once per request
+        stamped = serving.snapshot
         self._metrics.config_version.set(stamped.version)
         self._metrics.config_reloads.labels("applied").inc()
-        log.info("config_applied", version=stamped.version, source=source, hash=stamped.hash)
+        log.info("config_applied", version=stamped.version, source=stamped.source, hash=stamped.hash)
         return serving
 
     def rejected(self, source: str, error: ConfigError) -> None:

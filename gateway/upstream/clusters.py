@@ -1,10 +1,15 @@
-"""Runtime handles of upstream clusters: endpoints, balancer, pool, DNS refresh, health and failure accounting.
+"""Runtime handles of upstream clusters: endpoints, balancer, pool, discovery, health and failure accounting.
 
 Config is data, runtime is handles: a ``ClusterRuntime`` is built from a ``config.snapshot.Cluster`` and lives
 across reloads, keyed by cluster name, so per-endpoint state (in-flight counts, latency estimates) and warm
 keep-alive connections survive a config swap. ``Upstreams.apply`` reconciles the set with a new snapshot; a cluster
 that disappears, or whose pool settings change, is retired and its pool closed only after a grace period, so
 requests still running on the old snapshot finish.
+
+Discovery (DNS, or the config service's instance registry) feeds the same ``_set_endpoints``: an endpoint that
+disappears is only dropped from the balancer, so requests already on it finish. The registry client is a process
+handle (it knows the config service's address and token, which a cluster's config does not), so ``Upstreams`` is
+given it once and passes it to every runtime.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ from gateway.upstream.balancer import Balancer, build_balancer
 from gateway.upstream.discovery import DnsResolver, reconcile
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.outlier import OutlierDetector
+from gateway.upstream.registry import InstanceSource, RegistryWatcher
 from gateway.upstream.state import Endpoint, panic_mode
 from telemetry.metrics import Metrics, StateRow
 
 __all__ = ["ClusterRuntime", "Upstreams"]
 
 log = structlog.get_logger("meshgate.upstream")
+
+# How long applying a config waits for a registry cluster's first instance list. A reachable config service answers
+# at once; an unreachable one must not hold a reload (or start-up) for long: the cluster then starts empty (503)
+# and fills in the moment the registry answers.
+_REGISTRY_READY_TIMEOUT = 5.0
 
 # Headers aiohttp would add on its own; the gateway forwards exactly what the client sent instead.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -61,7 +72,9 @@ def _new_session(spec: Cluster) -> aiohttp.ClientSession:
 class ClusterRuntime:
     """One cluster's live state. Mutated only from the event loop."""
 
-    def __init__(self, spec: Cluster, rng: random.Random, metrics: Metrics) -> None:
+    def __init__(
+        self, spec: Cluster, rng: random.Random, metrics: Metrics, registry: InstanceSource | None = None
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self._rng = rng
@@ -77,7 +90,9 @@ class ClusterRuntime:
         # recomputed by the first pick after the earliest ejection ends (bug fix: it used to follow health
         # transitions only, so a panic decided while an endpoint was ejected outlived the ejection).
         self._panic_until = math.inf
+        self._registry = registry
         self._resolver: DnsResolver | None = None
+        self._watcher: RegistryWatcher | None = None
         self._health: HealthChecker | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._start_discovery()
@@ -170,14 +185,43 @@ class ClusterRuntime:
         self.panic = panic
 
     def _start_discovery(self) -> None:
+        # Until a new source answers, the endpoints of the previous one (if any) keep serving: no gap on a switch.
         if self.spec.dns is not None:
             self._resolver = DnsResolver(self.spec.dns, self._on_dns_change, upstream=self.name)
             self._resolver.start()
+        elif self.spec.registry is not None:
+            if self._registry is None:
+                # The compiler refuses a registry cluster without a config_service section; getting here means the
+                # app did not pass the client it built from that section. Loud, and the cluster answers 503.
+                log.error("registry_client_missing", upstream=self.name, service=self.spec.registry.service)
+                return
+            self._watcher = RegistryWatcher(
+                self.spec.registry, self._registry, self._on_registry_change, upstream=self.name, rng=self._rng
+            )
+            self._watcher.start()
         else:
             self._set_endpoints(self.spec.endpoints)
 
+    async def _stop_discovery(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.stop()
+            self._resolver = None
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+
     def _on_dns_change(self, addresses: tuple[Address, ...]) -> None:
         log.info("dns_endpoints_changed", upstream=self.name, endpoints=[str(a) for a in addresses])
+        self._set_endpoints(addresses)
+
+    def _on_registry_change(self, addresses: tuple[Address, ...]) -> None:
+        assert self.spec.registry is not None
+        log.info(
+            "registry_endpoints_changed",
+            upstream=self.name,
+            service=self.spec.registry.service,
+            endpoints=[str(a) for a in addresses],
+        )
         self._set_endpoints(addresses)
 
     def _set_endpoints(self, wanted: Iterable[Address | EndpointSpec]) -> None:
@@ -190,13 +234,21 @@ class ClusterRuntime:
         self._update_panic()
 
     async def ready(self) -> None:
-        """Wait for the first DNS answer (bounded by the resolver's timeout); at once for static endpoints.
+        """Wait for the first DNS answer (bounded by the resolver's timeout) or registry list (bounded by
+        ``_REGISTRY_READY_TIMEOUT``); at once for static endpoints.
 
-        Without it a DNS cluster served its first requests, right after /readyz said 200 or a reload swapped it in,
-        with no endpoints at all (503 no_healthy_upstream) until the background resolution landed.
+        Without it a discovered cluster served its first requests, right after /readyz said 200 or a reload swapped
+        it in, with no endpoints at all (503 no_healthy_upstream) until the background answer landed.
         """
         if self._resolver is not None and self._resolver.addresses is None:
             await self._resolver.refresh()  # concurrent with the task's own first refresh: the later one is a no-op
+        if self._watcher is not None and self._watcher.addresses is None:
+            try:
+                async with asyncio.timeout(_REGISTRY_READY_TIMEOUT):
+                    await self._watcher.answered()
+            except TimeoutError:
+                assert self.spec.registry is not None
+                log.warning("registry_not_ready", upstream=self.name, service=self.spec.registry.service)
 
     @property
     def in_flight(self) -> int:
@@ -212,10 +264,8 @@ class ClusterRuntime:
         if spec.lb != old.lb:
             self.balancer = build_balancer(spec.lb, self._rng)
             self.balancer.update(tuple(self.endpoints.values()))
-        if spec.dns != old.dns or spec.endpoints != old.endpoints:
-            if self._resolver is not None:
-                await self._resolver.stop()
-                self._resolver = None
+        if (spec.dns, spec.registry, spec.endpoints) != (old.dns, old.registry, old.endpoints):
+            await self._stop_discovery()
             self._start_discovery()
         if spec.circuit_breaker != old.circuit_breaker:
             self.admission.reconfigure(spec.circuit_breaker)
@@ -236,9 +286,7 @@ class ClusterRuntime:
             self._update_panic()
 
     async def close(self) -> None:
-        if self._resolver is not None:
-            await self._resolver.stop()
-            self._resolver = None
+        await self._stop_discovery()
         await self._stop_health()
         await self.session.close()
 
@@ -249,11 +297,19 @@ def _budget(spec: Cluster) -> RetryBudget:
 
 
 class Upstreams:
-    """The live set of ClusterRuntimes, reconciled against each new snapshot."""
+    """The live set of ClusterRuntimes, reconciled against each new snapshot.
 
-    def __init__(self, rng: random.Random, grace: float, metrics: Metrics) -> None:
+    ``registry``: the config service's instance registry (``registry.RegistryClient``), for clusters with
+    ``discovery: {registry: ...}``; ``None`` when the gateway has no ``config_service`` section. Not closed here:
+    whoever built it closes it, after ``close()``.
+    """
+
+    def __init__(
+        self, rng: random.Random, grace: float, metrics: Metrics, registry: InstanceSource | None = None
+    ) -> None:
         self._rng = rng
         self._metrics = metrics
+        self._registry = registry
         self._grace = grace  # how long a retired pool stays open for requests still on the old snapshot
         self._live: dict[str, ClusterRuntime] = {}
         self._retiring: dict[asyncio.Task[None], ClusterRuntime] = {}
@@ -286,11 +342,11 @@ class Upstreams:
         for name, spec in clusters.items():
             runtime = self._live.get(name)
             if runtime is None:
-                runtime = ClusterRuntime(spec, self._rng, self._metrics)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry)
             elif runtime.spec != spec:
                 if runtime.pool_settings_changed(spec):
                     self._retire(runtime)
-                    runtime = ClusterRuntime(spec, self._rng, self._metrics)
+                    runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry)
                 else:
                     await runtime.update(spec)
             fresh[name] = runtime

@@ -8,6 +8,9 @@ empty resolution keeps the last good set (logged), so a DNS hiccup never empties
 onto the existing ``Endpoint`` objects by address, so in-flight counts and latency estimates survive, and creates
 objects only for new addresses. A removed endpoint is just dropped from the mapping; requests still in flight on it
 hold the object and finish normally.
+
+The config service's instance registry is the third source; it lives in ``registry.py`` and feeds ``reconcile`` the
+same way.
 """
 
 from __future__ import annotations

@@ -330,7 +330,8 @@ async def test_admin_endpoints(tmp_path: Path, upstream_a: int, upstream_b: int)
     with gateway(tmp_path, make_config(upstream_a, upstream_b)) as gw:
         async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as admin:
             assert await get_json(admin, f"{gw.admin_url}/healthz") == {"status": "ok"}
-            assert await get_json(admin, f"{gw.admin_url}/readyz") == {"status": "ready", "version": 1}
+            ready = {"status": "ready", "ready": True, "source": "file", "version": 1}
+            assert await get_json(admin, f"{gw.admin_url}/readyz") == ready
 
             served = await get_json(admin, f"{gw.admin_url}/config")
             assert served["version"] == 1

@@ -18,7 +18,7 @@ from gateway.config.errors import ConfigError, Problem
 from gateway.config.snapshot import Snapshot
 from gateway.config.store import SnapshotStore
 
-__all__ = ["FileSource", "read_config"]
+__all__ = ["FileSource", "read_config", "resolve_paths"]
 
 log = structlog.get_logger("meshgate.config")
 
@@ -30,10 +30,10 @@ def read_config(path: Path) -> Snapshot:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError((Problem(str(path), f"cannot read config file: {reason}"),)) from None
-    return _resolve_paths(compile_text(text), path.parent)
+    return resolve_paths(compile_text(text), path.parent)
 
 
-def _resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
+def resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
     """Files a config names (policy bundles, key files) are relative to the config file, wherever meshgate runs."""
 
     def resolve(name: str | None) -> str | None:
@@ -46,7 +46,14 @@ def _resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
         primary = dataclasses.replace(authz.primary, bundle=resolve(authz.primary.bundle))
         shadow = authz.shadow and dataclasses.replace(authz.shadow, bundle=resolve(authz.shadow.bundle))
         authz = dataclasses.replace(authz, primary=primary, shadow=shadow)
-    return dataclasses.replace(snapshot, authn=authn, authz=authz)
+    config_service = snapshot.config_service
+    if config_service is not None:
+        config_service = dataclasses.replace(
+            config_service,
+            token_file=str(resolve(config_service.token_file)),
+            cache_dir=str(resolve(config_service.cache_dir)),
+        )
+    return dataclasses.replace(snapshot, authn=authn, authz=authz, config_service=config_service)
 
 
 class FileSource:

@@ -42,7 +42,7 @@ TOP_LEVEL = [
     case({"servce": "x"}, 'servce: unknown key (did you mean "service"?)'),
     case({"route": []}, 'route: unknown key (did you mean "routes"?)'),
     case({"zzz": 1}, "zzz: unknown key"),
-    case({"config_service": {}}, f"config_service: {NS}"),
+    case({"config_service": {}}, "config_service.url: required", "config_service.token_file: required"),
     case({"tls": {}}, f"tls: {NS}"),
     case({"mesh": {}}, f"mesh: {NS}"),
     case({"routes": DELETE}, "routes: required"),
@@ -274,8 +274,38 @@ CLUSTERS = [
         'clusters[0].endpoints[0].wieght: unknown key (did you mean "weight"?)',
     ),
     case({f"{C}.endpoints": DELETE, f"{C}.discovery": "dns"}, 'clusters[0].discovery: expected a mapping, got "dns"'),
-    case({f"{C}.endpoints": DELETE, f"{C}.discovery": {"registry": "orders"}}, f"clusters[0].discovery.registry: {NS}"),
-    case({f"{C}.endpoints": DELETE, f"{C}.discovery": {}}, "clusters[0].discovery.dns: required"),
+    case({f"{C}.endpoints": DELETE, f"{C}.discovery": {}}, "clusters[0].discovery: needs one of dns, registry"),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"refresh": "5s"}},
+        "clusters[0].discovery: needs one of dns, registry",
+    ),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"dns": "orders:80", "registry": "orders"}},
+        "clusters[0].discovery: use only one of dns, registry",
+    ),
+    # The registry needs a config service to ask; this document has no config_service section.
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"registry": "orders"}},
+        "clusters[0].discovery.registry: needs a config_service section",
+    ),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"registry": "Orders"}},
+        f'clusters[0].discovery.registry: invalid service name "Orders" {SERVICE_HINT}',
+    ),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"registry": ["orders"]}},
+        "clusters[0].discovery.registry: expected a string, got a list",
+    ),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"registry": "orders", "refresh": "5s"}},
+        "clusters[0].discovery.refresh: only allowed with dns (the registry is watched, not polled)",
+        "clusters[0].discovery.registry: needs a config_service section",
+    ),
+    case(
+        {f"{C}.endpoints": DELETE, f"{C}.discovery": {"registy": "orders"}},
+        'clusters[0].discovery.registy: unknown key (did you mean "registry"?)',
+        "clusters[0].discovery: needs one of dns, registry",
+    ),
     case(
         {f"{C}.endpoints": DELETE, f"{C}.discovery": {"dns": "orders"}},
         'clusters[0].discovery.dns: invalid address "orders" (expected host:port)',

@@ -1,0 +1,161 @@
+"""Bootstrap files: a gateway config with a ``config_service`` section, completed by what the service pushes.
+
+A bootstrap names the service, the listeners and where the config service is; it may also carry defaults for any
+pushed key. A pushed version replaces those keys whole (``authz`` pushed replaces the bootstrap's ``authz``, it is
+not merged into it): state of the world, never a patch. Then ``bootstrap + pushed`` goes through the same compiler
+as a config file.
+
+Two kinds of paths end up in the compiled snapshot. ``authz.bundle`` in a *pushed* config is the name of a bundle
+stored in the config service (the gateway's disk is not the operator's); it is pointed at
+``cache_dir/bundles/<name>.tar.gz``, where the remote source downloads it. Every other relative path (the
+bootstrap's own bundle, key files, the token file, the cache directory) is relative to the bootstrap file.
+
+``compile_pushed`` and ``merge`` are pure; ``load_config`` and ``read_token`` read files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config.compile import compile_document
+from gateway.config.document import load_text
+from gateway.config.errors import DOCUMENT, ConfigError, Problem
+from gateway.config.schema import describe
+from gateway.config.snapshot import ConfigService, Snapshot
+from gateway.config.sources.file import resolve_paths
+from gateway.config.values import quote
+
+__all__ = [
+    "BOOTSTRAP_ONLY",
+    "Bootstrap",
+    "Compiled",
+    "bundle_file",
+    "compile_pushed",
+    "load_config",
+    "merge",
+    "read_token",
+]
+
+# Keys only the bootstrap may set: they say who the gateway is, where it listens and where its config comes from.
+# The config service refuses them in a push (422); a gateway refuses them too, should one arrive anyway.
+BOOTSTRAP_ONLY = ("service", "listen", "admin", "config_service", "tls", "mesh")
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_BUNDLE_HINT = 'a bundle stored in the config service: letters, digits, ".", "_", "-"'
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """A bootstrap file as read at start-up. ``snapshot`` is its partial compile (never served: no routes are
+    required in it); it gives the listeners, the parser limits, the logs and the ``config_service`` settings."""
+
+    path: Path  # absolute
+    document: Mapping[str, Any]
+    snapshot: Snapshot
+
+    @property
+    def settings(self) -> ConfigService:
+        settings = self.snapshot.config_service
+        assert settings is not None  # a Bootstrap is only made for a document with the section
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """``bootstrap + pushed`` compiled: the snapshot (bundle paths already pointing into the cache) and the
+    bundles to download before it is applied, as ``(where, name)`` (``where`` is the problem path if one fails)."""
+
+    snapshot: Snapshot
+    bundles: tuple[tuple[str, str], ...]
+
+
+def load_config(path: Path) -> Snapshot | Bootstrap:
+    """Read ``path``: a plain config file compiles to a ``Snapshot`` (as ``read_config``); a file with a
+    ``config_service`` section is a ``Bootstrap``, compiled partially. ``ConfigError`` for any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError((Problem(str(path), f"cannot read config file: {reason}"),)) from None
+    document = load_text(text)
+    base = path.absolute().parent
+    if not (isinstance(document, Mapping) and "config_service" in document):
+        return resolve_paths(compile_document(document), path.parent)
+    snapshot = resolve_paths(compile_document(document, partial=True), base)
+    return Bootstrap(path.absolute(), document, snapshot)
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in ``path``, surrounding whitespace stripped; ``ConfigError`` (never showing the token) if
+    the file cannot be read or holds nothing."""
+    where = "config_service.token_file"
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError((Problem(where, f"cannot read {path}: {reason}"),)) from None
+    if not token or any(ch in token for ch in "\r\n"):
+        # A newline inside would split the Authorization header: refuse it rather than send half a token.
+        raise ConfigError((Problem(where, f"{path} must hold one token on one line"),))
+    return token
+
+
+def merge(bootstrap: Mapping[str, Any], pushed: object) -> dict[str, Any]:
+    """``bootstrap`` with every top-level key of ``pushed`` replacing its own; ``ConfigError`` if ``pushed`` is not
+    a mapping or sets a bootstrap-only key."""
+    if not isinstance(pushed, Mapping):
+        raise ConfigError((Problem(DOCUMENT, f"expected a mapping at the top level, got {describe(pushed)}"),))
+    problems = [
+        Problem(str(key), "set by the gateway's bootstrap file, not by the config service")
+        for key in pushed
+        if key in BOOTSTRAP_ONLY
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return {**bootstrap, **pushed}
+
+
+def compile_pushed(bootstrap: Bootstrap, pushed: object) -> Compiled:
+    """Compile ``bootstrap + pushed``; ``ConfigError`` lists every problem (the version is then rejected)."""
+    snapshot = compile_document(merge(bootstrap.document, pushed))
+    bundles: tuple[tuple[str, str], ...] = ()
+    if isinstance(pushed, Mapping) and "authz" in pushed:
+        snapshot, bundles = _point_bundles(snapshot, Path(bootstrap.settings.cache_dir))
+    # Paths from the bootstrap (and a pushed key file) are relative to the bootstrap file; the bundle paths set
+    # above are absolute already, so this leaves them alone.
+    return Compiled(resolve_paths(snapshot, bootstrap.path.parent), bundles)
+
+
+def bundle_file(cache_dir: Path, name: str) -> Path:
+    """Where the bundle ``name`` is kept: the file the embedded engine loads and watches."""
+    return cache_dir / "bundles" / f"{name}.tar.gz"
+
+
+def _point_bundles(snapshot: Snapshot, cache_dir: Path) -> tuple[Snapshot, tuple[tuple[str, str], ...]]:
+    """The pushed ``authz``'s embedded bundles are names: point them at their files in the cache."""
+    authz = snapshot.authz
+    if authz is None:
+        return snapshot, ()
+    bundles: list[tuple[str, str]] = []
+    problems: list[Problem] = []
+    engines = {"authz": authz.primary, "authz.shadow": authz.shadow}
+    replaced = {}
+    for where, engine in engines.items():
+        if engine is None or engine.engine != "embedded" or engine.bundle is None:
+            continue
+        name = engine.bundle
+        if _BUNDLE_NAME.fullmatch(name) is None or name in (".", ".."):
+            problems.append(Problem(f"{where}.bundle", f"invalid bundle name {quote(name)} ({_BUNDLE_HINT})"))
+            continue
+        bundles.append((f"{where}.bundle", name))
+        replaced[where] = dataclasses.replace(engine, bundle=str(bundle_file(cache_dir.absolute(), name)))
+    if problems:
+        raise ConfigError(problems)
+    authz = dataclasses.replace(
+        authz, primary=replaced.get("authz", authz.primary), shadow=replaced.get("authz.shadow", authz.shadow)
+    )
+    return dataclasses.replace(snapshot, authz=authz), tuple(bundles)

@@ -1,0 +1,391 @@
+"""Long-poll the config service for this gateway's config; apply each new version like an edited config file.
+
+One background task runs the whole life:
+
+1. **start-up**: one plain ``GET`` (bounded by ``startup_wait``). A version that arrives is applied (``/readyz``
+   source ``config_service``). If the service is down, slow, has no config yet or sends one that fails, the last
+   good copy in ``cache_dir`` is served (source ``cache``); with no usable copy either the gateway stays not ready
+   (503) and keeps polling.
+2. **polling**: ``GET /v1/services/{s}/config?wait=...`` with ``If-None-Match`` set to the last version taken
+   (applied or rejected, so a refused version is not sent again and again), and the report headers
+   ``X-Meshgate-Gateway``, ``X-Meshgate-Applied-Version`` and, after a refusal, ``X-Meshgate-Rejected-Version`` /
+   ``X-Meshgate-Rejected-Error``. A new version: download its bundles, compile ``bootstrap + pushed``, apply
+   atomically, write the cache. One that fails to compile or load is rejected (``store.rejected``) and the old one
+   keeps serving.
+3. **failures**: an unreachable service, a 5xx, an unreadable answer or a refused token (401/403, logged as
+   ``config_service_auth_failed``) back off with full jitter (0.5 s doubling to 30 s), so a fleet that lost the
+   service together does not come back in step.
+
+A second task re-fetches the serving version's bundles every ``bundle_refresh`` with ``If-None-Match``; a changed
+bundle is written atomically and the policy runtime's file watcher loads it.
+
+The token is read from ``token_file`` for every request (a rotated token is used at once) and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from gateway.config.bootstrap import Bootstrap, Compiled, bundle_file, compile_pushed, merge, read_token
+from gateway.config.errors import ConfigError, Problem
+from gateway.config.sources.cache import CACHE_FILE, CacheError, read_cached, write_atomic, write_cached
+from gateway.config.store import SnapshotStore
+from gateway.config.values import format_duration
+from gateway.resilience.backoff import full_jitter
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "STARTUP_WAIT",
+    "RemoteSource",
+    "ServiceUnavailable",
+    "default_gateway_id",
+    "poll_headers",
+]
+
+log = structlog.get_logger("meshgate.config")
+
+# Seconds a starting gateway waits for the service before serving its cached copy.
+STARTUP_WAIT = 10.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+# A long-poll that ends without news is normal; one that ends much sooner than asked (a service without long-poll,
+# or a service with no config yet for this one) must not become a busy loop: a short, growing, jittered pause.
+_EARLY_CAP = 5.0
+# On top of the long-poll's wait, for the service's answer to travel; and for a bundle download (up to 64 MiB).
+_POLL_SLACK = 10.0
+_BUNDLE_TIMEOUT = aiohttp.ClientTimeout(total=60.0, sock_connect=5.0)
+_REJECTED_ERROR_MAX = 300
+_HEADER_UNSAFE = re.compile(r"[^\x20-\x7e]")
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class ServiceUnavailable(Exception):
+    """The service could not be asked or did not answer usably; ``auth``: it refused the token."""
+
+    def __init__(self, reason: str, *, auth: bool = False) -> None:
+        super().__init__(reason)
+        self.auth = auth
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    version: int
+    etag: str
+    pushed: Mapping[str, Any]
+
+
+def default_gateway_id(service: str, hostname: str, port: int) -> str:
+    """``<service>-<hostname>-<listen port>``: stable across restarts, unique per sidecar on a host."""
+    host = _HOST_UNSAFE.sub("-", hostname.split(".", 1)[0]) or "host"
+    return f"{service}-{host}-{port}"[:128]
+
+
+def poll_headers(gateway_id: str, applied: int, rejected: tuple[int, str] | None) -> dict[str, str]:
+    """The report every poll carries (pure). ``rejected``: the last version refused and its first problem."""
+    headers = {"X-Meshgate-Gateway": gateway_id, "X-Meshgate-Applied-Version": str(applied)}
+    if rejected is not None:
+        version, error = rejected
+        headers["X-Meshgate-Rejected-Version"] = str(version)
+        # One header line: printable ASCII only, bounded (an error may quote the offending value).
+        headers["X-Meshgate-Rejected-Error"] = _HEADER_UNSAFE.sub("?", error)[:_REJECTED_ERROR_MAX]
+    return headers
+
+
+class RemoteSource:
+    """The config source of a gateway started from a bootstrap file. ``start`` in a running loop, ``stop`` at exit."""
+
+    def __init__(
+        self,
+        bootstrap: Bootstrap,
+        store: SnapshotStore,
+        rng: random.Random,
+        *,
+        startup_wait: float = STARTUP_WAIT,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        hostname: str | None = None,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._settings = settings = bootstrap.settings
+        self._store = store
+        self._rng = rng
+        self._startup_wait = startup_wait
+        self._backoff = (backoff_base, backoff_cap)
+        snapshot = bootstrap.snapshot
+        self.gateway_id = settings.gateway_id or default_gateway_id(
+            snapshot.service, hostname if hostname is not None else socket.gethostname(), snapshot.listen.port
+        )
+        self._config_url = f"{settings.url}/v1/services/{urllib.parse.quote(snapshot.service, safe='')}/config"
+        self._cache_dir = Path(settings.cache_dir)
+        self.source = f"config_service:{settings.url}"
+        self.cache_source = f"cache:{self._cache_dir / CACHE_FILE}"
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._bundle_lock = asyncio.Lock()  # the poller and the refresher write the same files
+        # What the service has been told, and what the next poll asks relative to.
+        self.applied = 0
+        self.rejected: tuple[int, str] | None = None
+        self._etag: str | None = None  # of the last version taken, applied or rejected
+        self._bundles: tuple[tuple[str, str], ...] = ()  # of the version serving
+        self._bundle_etags: dict[str, str] = {}
+        self._refresh_failing = False
+        # Serving the cached copy: the next poll asks without If-None-Match, so the service confirms (or replaces)
+        # it at once and /readyz stops saying "cache" as soon as the service is back.
+        self._from_cache = False
+        self.first_attempt_done = asyncio.Event()  # the start-up step finished (tests and logs wait on it)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # trust_env=False: an HTTP(S)_PROXY meant for the user's traffic must not reroute the control plane.
+        self._session = aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=None))
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._refresh_bundles())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def reload(self) -> None:
+        """SIGHUP: poll now instead of finishing a backoff pause (the bootstrap itself is read at start only)."""
+        self._wake.set()
+
+    # --- the poll loop ------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        await self._start_up()
+        self.first_attempt_done.set()
+        await self._poll_forever()
+
+    async def _start_up(self) -> None:
+        try:
+            async with asyncio.timeout(self._startup_wait):
+                answer = await self._fetch(None)
+                if answer is not None:
+                    await self._take(answer)
+                else:
+                    log.info("config_service_no_config", service=self._bootstrap.snapshot.service)
+        except TimeoutError:
+            log.warning("config_service_slow", waited_s=self._startup_wait, url=self._settings.url)
+        except ServiceUnavailable as error:
+            self._log_unavailable(error, None)
+        if self._store.current is None:
+            await self._serve_cache()
+        if self._store.current is None:
+            log.warning("config_not_ready", reason="no version from the config service and no cached copy yet")
+
+    async def _poll_forever(self) -> None:
+        failures = early = 0
+        while True:
+            started = time.monotonic()
+            try:
+                confirm, wait = self._from_cache, self._settings.poll_wait
+                answer = await self._fetch(None if confirm else wait)
+                self._from_cache = False
+                if answer is not None and (confirm or answer.etag != self._etag):
+                    await self._take(answer)
+                failures = 0
+            except ServiceUnavailable as error:
+                delay = full_jitter(failures, *self._backoff, self._rng)
+                failures += 1
+                self._log_unavailable(error, delay)
+                await self._pause(delay)
+                continue
+            if answer is None and time.monotonic() - started < self._settings.poll_wait / 2:
+                await self._pause(full_jitter(early, self._backoff[0], _EARLY_CAP, self._rng))
+                early += 1
+            else:
+                early = 0
+
+    async def _pause(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _log_unavailable(self, error: ServiceUnavailable, retry_in: float | None) -> None:
+        event = "config_service_auth_failed" if error.auth else "config_service_unreachable"
+        fields: dict[str, Any] = {"url": self._settings.url, "gateway": self.gateway_id, "error": str(error)}
+        if retry_in is not None:
+            fields["retry_in_s"] = round(retry_in, 3)
+        if error.auth:
+            log.error(event, **fields, token_file=self._settings.token_file)
+        else:
+            log.warning(event, **fields)
+
+    # --- one version --------------------------------------------------------------------------------------------
+
+    async def _take(self, answer: _Version) -> None:
+        """Apply ``answer`` or reject it. ``ServiceUnavailable`` (a bundle could not be fetched) leaves it untaken:
+        the next poll asks for it again."""
+        try:
+            compiled = compile_pushed(self._bootstrap, answer.pushed)
+            await self._download(compiled)
+            await self._store.apply(compiled.snapshot, self.source, version=answer.version)
+        except ConfigError as error:
+            self._store.rejected(f"{self.source} version {answer.version}", error)
+            self.rejected = (answer.version, str(error.problems[0]))
+            self._etag = answer.etag
+            return
+        self.applied, self.rejected, self._etag = answer.version, None, answer.etag
+        self._bundles = compiled.bundles
+        await self._write_cache(answer)
+
+    async def _serve_cache(self) -> None:
+        service = self._bootstrap.snapshot.service
+        try:
+            cached = await asyncio.to_thread(read_cached, self._cache_dir, service)
+        except CacheError as error:
+            log.error("config_cache_unusable", error=str(error))
+            return
+        if cached is None:
+            return
+        try:
+            compiled = compile_pushed(self._bootstrap, cached.pushed)
+            await self._store.apply(compiled.snapshot, self.cache_source, version=cached.version)
+        except ConfigError as error:
+            # The bootstrap changed since (a key the cached version now clashes with), or a bundle file is gone.
+            self._store.rejected(self.cache_source, error)
+            return
+        self.applied, self._etag, self._bundles = cached.version, cached.etag, compiled.bundles
+        self._from_cache = True
+        log.info("config_from_cache", version=cached.version, path=str(self._cache_dir / CACHE_FILE))
+
+    async def _write_cache(self, answer: _Version) -> None:
+        merged = merge(self._bootstrap.document, answer.pushed)
+        service = self._bootstrap.snapshot.service
+        try:
+            await asyncio.to_thread(
+                write_cached, self._cache_dir, service, answer.version, answer.etag, answer.pushed, merged
+            )
+        except OSError as error:  # serving goes on; only a restart without the service would miss the copy
+            log.error("config_cache_write_failed", path=str(self._cache_dir), error=str(error))
+
+    # --- HTTP ---------------------------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        try:
+            token = read_token(self._settings.token_file)
+        except ConfigError as error:
+            raise ServiceUnavailable(str(error.problems[0]), auth=True) from None
+        return {"Authorization": f"Bearer {token}"}
+
+    async def _fetch(self, wait: float | None) -> _Version | None:
+        """The service's config if newer than the last taken (``None``: 304, or no config for this service yet).
+        ``wait`` ``None``: answer at once (start-up)."""
+        assert self._session is not None
+        headers = {**self._headers(), **poll_headers(self.gateway_id, self.applied, self.rejected)}
+        params: dict[str, str] = {}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0)
+        if wait is not None:
+            headers["If-None-Match"] = self._etag or '"0"'
+            params["wait"] = format_duration(wait)
+            timeout = aiohttp.ClientTimeout(total=wait + _POLL_SLACK, sock_connect=5.0)
+        try:
+            async with self._session.get(self._config_url, headers=headers, params=params, timeout=timeout) as answer:
+                if answer.status in (304, 404):
+                    return None
+                _check_status(answer.status)
+                body = await answer.json(content_type=None)
+                return _parse_version(body, answer.headers.get("ETag"))
+        except (aiohttp.ClientError, OSError, ValueError) as error:
+            raise ServiceUnavailable(f"{type(error).__name__}: {error}".rstrip(": ")) from None
+        except TimeoutError:
+            if wait is None:
+                raise  # the start-up bound
+            raise ServiceUnavailable("no answer within the long-poll's time") from None
+
+    async def _download(self, compiled: Compiled) -> None:
+        for where, name in compiled.bundles:
+            await self._fetch_bundle(where, name)
+
+    async def _fetch_bundle(self, where: str, name: str) -> bool:
+        """Bring ``cache_dir/bundles/<name>.tar.gz`` up to date; True if the file changed. ``ConfigError`` if the
+        service has no such bundle, ``ServiceUnavailable`` if it cannot be asked."""
+        assert self._session is not None
+        path = bundle_file(self._cache_dir, name)
+        async with self._bundle_lock:
+            headers = self._headers()
+            etag = self._bundle_etags.get(name)
+            if etag is not None and path.exists():
+                headers["If-None-Match"] = etag
+            url = f"{self._settings.url}/v1/bundles/{urllib.parse.quote(name, safe='')}"
+            try:
+                async with self._session.get(url, headers=headers, timeout=_BUNDLE_TIMEOUT) as answer:
+                    if answer.status == 304:
+                        return False
+                    if answer.status == 404:
+                        raise ConfigError((Problem(where, f"no bundle named {name!r} in the config service"),))
+                    _check_status(answer.status)
+                    data = await answer.read()
+                    new_etag = answer.headers.get("ETag")
+            except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                raise ServiceUnavailable(f"bundle {name}: {type(error).__name__}: {error}".rstrip(": ")) from None
+            changed = await asyncio.to_thread(_store_bundle, path, data)
+            if new_etag:
+                self._bundle_etags[name] = new_etag
+            if changed:
+                log.info("bundle_downloaded", bundle=name, bytes=len(data), etag=new_etag)
+            return changed
+
+    async def _refresh_bundles(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.bundle_refresh)
+            failed: str | None = None
+            for where, name in self._bundles:
+                try:
+                    await self._fetch_bundle(where, name)
+                except (ServiceUnavailable, ConfigError) as error:
+                    failed = str(error)
+            # Logged when it starts and stops failing, not every few seconds while the service is away.
+            if failed is not None and not self._refresh_failing:
+                log.warning("bundle_refresh_failed", error=failed)
+            elif failed is None and self._refresh_failing:
+                log.info("bundle_refresh_recovered")
+            self._refresh_failing = failed is not None
+
+
+def _check_status(status: int) -> None:
+    if status in (401, 403):
+        raise ServiceUnavailable(f"HTTP {status}: the service refused the gateway token", auth=True)
+    if status != 200:
+        raise ServiceUnavailable(f"HTTP {status}")
+
+
+def _parse_version(body: object, etag: str | None) -> _Version:
+    if not isinstance(body, Mapping):
+        raise ServiceUnavailable("unexpected answer: not a JSON object")
+    version, config = body.get("version"), body.get("config")
+    if not isinstance(version, int) or isinstance(version, bool) or not isinstance(config, Mapping):
+        raise ServiceUnavailable("unexpected answer: no integer version or no config object")
+    return _Version(version, etag or f'"{version}"', config)
+
+
+def _store_bundle(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` unless it holds exactly that already (an unchanged file keeps its identity, so
+    the policy watcher does not reload it)."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    write_atomic(path, data)
+    return True
