@@ -132,6 +132,31 @@ async def test_a_pushed_route_is_served_by_both_within_a_second(fleet: Fleet, se
     assert {g["id"] for g in gateways} == {"gw1", "gw2"}
 
 
+async def test_pushes_under_load_fail_no_request(fleet: Fleet, session: aiohttp.ClientSession) -> None:
+    failures: list[int] = []
+    done = 0
+    stop = asyncio.Event()
+
+    async def load(gw: Gateway) -> None:
+        nonlocal done
+        while not stop.is_set():
+            code = await status(session, f"{gw.url}/a1/x")
+            done += 1
+            if code != 200:
+                failures.append(code)
+
+    workers = [asyncio.create_task(load(gw)) for gw in fleet.gateways for _ in range(4)]
+    try:
+        for extra in ("c1", "c2", "c3", "c4", "c5"):  # five versions, each swapped in under the load
+            fleet.push("a1", "b1", extra)
+            await all_serve(session, fleet, f"/{extra}/x", 200, within=2.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert done > 100
+    assert failures == []
+
+
 async def test_an_invalid_push_is_refused_and_nothing_changes(fleet: Fleet, session: aiohttp.ClientSession) -> None:
     _, before = fleet.service.call("GET", f"/v1/services/{SERVICE}/versions")
     bad = pushed(*fleet.upstreams, "a1", "b1")
@@ -149,13 +174,15 @@ async def test_an_invalid_push_is_refused_and_nothing_changes(fleet: Fleet, sess
 
 
 async def test_rollback_stores_the_old_content_as_a_new_version(fleet: Fleet, session: aiohttp.ClientSession) -> None:
+    _, before = fleet.service.call("GET", f"/v1/services/{SERVICE}/versions")
+    latest = before["versions"][-1]["version"]
     code, answer = fleet.service.call("POST", f"/v1/services/{SERVICE}/rollback", {"version": 1})
     assert code == 201
-    assert answer["version"] == 3
-    await all_serve(session, fleet, "/b1/x", 404, within=2.0)
+    assert answer["version"] == latest + 1
+    await all_serve(session, fleet, "/b1/x", 404, within=2.0)  # version 1 had only a1
     _, history = fleet.service.call("GET", f"/v1/services/{SERVICE}/versions")
-    assert [v["version"] for v in history["versions"]] == [1, 2, 3]
-    assert history["versions"][2]["rollback_of"] == 1
+    assert [v["version"] for v in history["versions"]] == list(range(1, latest + 2))
+    assert history["versions"][-1]["rollback_of"] == 1
 
 
 async def test_gateways_keep_serving_without_the_service_and_restart_from_cache(
