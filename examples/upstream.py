@@ -20,6 +20,10 @@ Run: ``python examples/upstream.py --port 9001 --name a``. Endpoints:
 ``--delay-ms N`` slows every answer but /healthz by N ms: an instance that is slow for all requests, for the
 latency-aware balancer tests.
 
+``--tls-cert FILE --tls-key FILE`` serve HTTPS instead (TLS 1.2+); ``--tls-client-ca FILE`` also requires a client
+certificate signed by that CA. Over TLS the echo adds ``"tls": {"sni", "client_cn", "version"}``: the server name the
+client sent (null without SNI), the common name of the client's certificate (null without one), the protocol.
+
 Faults at run time, for the resilience tests (``tests/e2e/test_faults.py``, ``bench/faults.py``):
   POST /_fault {"mode": "fail"}                     every answer is 503, /healthz included (a broken instance)
   POST /_fault {"mode": "slow", "delay_ms": 1000}   every answer but /healthz waits delay_ms first (default 1000)
@@ -35,8 +39,10 @@ import asyncio
 import hashlib
 import json
 import socket
+import ssl
 import struct
 from collections import Counter
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -72,6 +78,9 @@ def build_app(name: str, delay_ms: int = 0) -> web.Application:
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body_length": len(body),
         }
+        tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+        if tls is not None:
+            payload["tls"] = {"sni": getattr(tls, "sni", None), "client_cn": _client_cn(tls), "version": tls.version()}
         return web.json_response(payload, headers={"x-upstream-instance": name})
 
     async def stream_bytes(request: web.Request) -> web.StreamResponse:
@@ -214,13 +223,43 @@ def build_app(name: str, delay_ms: int = 0) -> web.Application:
     return app
 
 
+def _client_cn(tls: ssl.SSLObject) -> str | None:
+    subject: Any = (tls.getpeercert() or {}).get("subject", ())
+    for rdn in subject:  # ((("commonName", "gw"),), ...)
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+
+    def remember_sni(connection: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
+        connection.sni = server_name  # type: ignore[attr-defined]  # read back by the echo
+
+    context.sni_callback = remember_sni
+    return context
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="upstream")
     parser.add_argument("--delay-ms", type=int, default=0, help="delay every answer but /healthz (default 0)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM; needs --tls-key)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
     args = parser.parse_args()
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and not args.tls_cert):
+        parser.error("--tls-cert and --tls-key go together; --tls-client-ca needs them")
+    ssl_context = tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     # auto_decompress=False: /upload and the echo report the body exactly as it came over the wire, so a test can
     # prove a proxy forwarded a gzip body untouched (the default would decode it before the handler sees it).
     web.run_app(
@@ -230,6 +269,7 @@ def main() -> None:
         access_log=None,
         print=None,
         auto_decompress=False,
+        ssl_context=ssl_context,
     )
 
 

@@ -6,6 +6,7 @@ The stage order is written here once, with the reason for each position.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import random
 import signal
@@ -33,6 +34,7 @@ from gateway.stages.observe import Observe
 from gateway.stages.ratelimit import RateLimitStage
 from gateway.stages.rescue import Rescue
 from gateway.stages.route import RouteStage
+from gateway.tls.reloader import ListenerCertificate
 from gateway.upstream.clusters import Upstreams
 from gateway.upstream.registry import RegistryClient
 from gateway.workers import PeerSet
@@ -78,11 +80,10 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     A plain config file is served at once (``FileSource``). A bootstrap file (one with ``config_service``) binds
     its listeners at once and takes its config from the service, or from the cached copy (``RemoteSource``).
     """
-    token = ""
     try:
         loaded = load_config(config_path)
         if isinstance(loaded, Bootstrap):
-            token = read_token(loaded.settings.token_file)  # fail fast: one that can never authenticate is a typo
+            read_token(loaded.settings.token_file)  # fail fast: one that can never authenticate is a typo
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 1
@@ -90,6 +91,13 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     # The settings the process starts with (listeners, parser limits, logs): the config file, or the bootstrap.
     first: Snapshot = loaded.snapshot if isinstance(loaded, Bootstrap) else loaded
     tlogging.configure(first.logs.level, first.service)
+    try:
+        # The listener's certificate is loaded before anything else starts: one that does not load is fatal now,
+        # never a listener that fails every handshake. (`meshgate run` checked it already; the files may differ.)
+        certificate = ListenerCertificate(first.tls) if first.tls is not None else None
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 1
     metrics = Metrics()
     rng = random.Random()
     access_log = AccessLog()
@@ -100,7 +108,12 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
     metrics.active_requests.set_function(lambda: server.in_flight)
     # Clusters with `discovery: {registry: NAME}` follow the config service's instance registry.
-    registry = RegistryClient(bootstrap.settings.url, token, rng=rng) if bootstrap is not None else None
+    # The token is read from its file on every poll (as by RemoteSource): a rotated token is used at once.
+    registry = (
+        RegistryClient(bootstrap.settings.url, functools.partial(read_token, bootstrap.settings.token_file), rng=rng)
+        if bootstrap is not None
+        else None
+    )
     upstreams = Upstreams(rng, grace=5.0, metrics=metrics, registry=registry)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
     metrics.log_drops(lambda: default_writer().dropped)
@@ -115,6 +128,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         old, new = (previous.snapshot if previous else first), serving.snapshot
         if (old.logs.level, old.service) != (new.logs.level, new.service):
             tlogging.configure(new.logs.level, new.service)  # a renamed service: log lines must follow the spans
+        if certificate is not None and new.tls is not None:
+            certificate.configure(new.tls)  # other files or min_version: new handshakes use them (checked already)
 
     policies = Policies()
     store = SnapshotStore(upstreams, metrics, publish, policies)
@@ -150,6 +165,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     reloads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     def on_sighup() -> None:
+        if certificate is not None:
+            certificate.reload("sighup")  # SIGHUP re-reads everything: the certificate too, changed or not
         task = loop.create_task(source.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -162,7 +179,13 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         # The proxy listener first, the admin one second: /readyz may only say 200 once the proxy port accepts.
-        await server.start(snapshot.listen.host, snapshot.listen.port, reuse_port=reuse_port, limits=snapshot.limits)
+        await server.start(
+            snapshot.listen.host,
+            snapshot.listen.port,
+            reuse_port=reuse_port,
+            limits=snapshot.limits,
+            ssl_context=certificate.context if certificate is not None else None,
+        )
         await admin_runner.setup()
         await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
     except OSError as exc:
@@ -177,6 +200,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
 
     # A remote source starts here: its first version (or the cached copy) makes /readyz 200, never before.
     source.start()
+    if certificate is not None:
+        certificate.start()  # watches the certificate files: a rotation on disk is served without a restart
     # Objects built at start-up live forever: move them out of the collector's way (cyclic GC showed up at 13% of
     # native time in the profiled proxy), and collect young objects less often.
     gc.collect()
@@ -186,6 +211,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         "gateway_started",
         listen=str(snapshot.listen),
         admin=str(snapshot.admin),
+        tls=certificate is not None,
         version=server.serving.snapshot.version if server.serving else None,
         config_service=bootstrap.settings.url if bootstrap else None,
     )
@@ -193,6 +219,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     await stop.wait()
     admin_state.draining = True
     await source.stop()  # no reload may start mid-drain
+    if certificate is not None:
+        await certificate.stop()
     drain_timeout = (server.serving.snapshot if server.serving else first).limits.drain_timeout
     log.info("draining", drain_timeout=drain_timeout)
     await server.stop(drain_timeout)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config.errors import ConfigError
+from gateway.config.errors import ConfigError, Problem
 from gateway.configservice.cli import add_configservice_command, run_configservice_command
 from gateway.policy_cli import add_policy_commands, run_policy_command
 
@@ -81,10 +81,19 @@ def _validate(path: Path) -> str | None:
     """Everything ``check`` and ``run`` refuse a file for; the config service's URL if it is a bootstrap."""
     from gateway.config.bootstrap import Bootstrap, load_config, read_token
     from gateway.policy_runtime import check_policies
+    from gateway.tls.contexts import check_tls
 
     loaded = load_config(path)
     snapshot = loaded.snapshot if isinstance(loaded, Bootstrap) else loaded
-    check_policies(snapshot)  # the bundles too: a config whose policy cannot load is not ok
+    problems: list[Problem] = []
+    # The bundles and the certificate files too: a config whose policy or TLS files cannot load is not ok.
+    for check in (check_policies, check_tls):
+        try:
+            check(snapshot)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
     if not isinstance(loaded, Bootstrap):
         return None
     read_token(loaded.settings.token_file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ class GatewayServer:
         self._runner: web.ServerRunner | None = None
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
+        self._scheme = "http"  # "https" once started with TLS: url.scheme, x-forwarded-proto, the policy input
 
     @property
     def in_flight(self) -> int:
@@ -52,6 +54,7 @@ class GatewayServer:
         if serving is None:
             return self._not_ready()
         ctx = RequestContext(request, serving, time.perf_counter())
+        ctx.scheme = self._scheme
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         if peer:
@@ -72,8 +75,17 @@ class GatewayServer:
         response.headers["Retry-After"] = "1"
         return response
 
-    async def start(self, host: str, port: int, *, reuse_port: bool, limits: Limits | None = None) -> None:
-        """Listen on ``host:port``. The parser limits are ``limits``, or the serving config's (then required)."""
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool,
+        limits: Limits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen on ``host:port``. The parser limits are ``limits``, or the serving config's (then required).
+        ``ssl_context``: serve TLS with it (``tls.reloader.ListenerCertificate.context``); None: plain HTTP."""
         if limits is None:
             serving = self.serving
             assert serving is not None
@@ -96,8 +108,9 @@ class GatewayServer:
         # (which it waits twice: for handlers, then for their cancellation) is kept short.
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024, ssl_context=ssl_context)
         await site.start()
+        self._scheme = "https" if ssl_context is not None else "http"
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, close idle connections, let in-flight requests finish for up to ``drain_timeout``

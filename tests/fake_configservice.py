@@ -36,6 +36,8 @@ class FakeService:
     polls: list[dict[str, str]] = field(default_factory=list)  # the headers of every config GET
     bundle_gets: list[tuple[str, str | None]] = field(default_factory=list)
     token: str = TOKEN
+    # True: answer every config GET at once with 200 and the latest version (a proxy that strips If-None-Match).
+    ignore_if_none_match: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
 
@@ -71,7 +73,7 @@ class FakeService:
         self.polls.append(dict(request.headers))
         self._auth(request)
         assert request.match_info["service"] == SERVICE
-        seen = request.headers.get("If-None-Match")
+        seen = None if self.ignore_if_none_match else request.headers.get("If-None-Match")
         wait = request.query.get("wait")
         newest = len(self.versions)
         if seen is not None and seen == f'"{newest}"' and wait:

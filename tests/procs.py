@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,14 +37,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(
+    url: str,
+    timeout: float = 15.0,
+    process: subprocess.Popen[bytes] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Wait for ``url`` to answer 200; ``context`` verifies an ``https`` server (with the test CA)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:  # answered, but not 200 yet (a 503 /readyz): close its socket
@@ -67,7 +74,15 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
 
 
 @contextmanager
-def upstream(name: str = "a", port: int | None = None, *, extra_args: Sequence[str] = ()) -> Iterator[int]:
+def upstream(
+    name: str = "a",
+    port: int | None = None,
+    *,
+    extra_args: Sequence[str] = (),
+    tls_context: ssl.SSLContext | None = None,
+) -> Iterator[int]:
+    """``examples/upstream.py`` on loopback. With TLS options in ``extra_args``, pass a ``tls_context`` that trusts
+    its certificate: readiness is then checked over https."""
     port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", name, *extra_args],
@@ -75,7 +90,8 @@ def upstream(name: str = "a", port: int | None = None, *, extra_args: Sequence[s
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process=process)
+        scheme = "https" if tls_context is not None else "http"
+        wait_http(f"{scheme}://127.0.0.1:{port}/healthz", process=process, context=tls_context)
         yield port
     finally:
         stop(process)

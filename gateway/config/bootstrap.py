@@ -36,6 +36,7 @@ __all__ = [
     "Compiled",
     "bundle_file",
     "compile_pushed",
+    "is_bundle_name",
     "load_config",
     "merge",
     "read_token",
@@ -130,6 +131,12 @@ def compile_pushed(bootstrap: Bootstrap, pushed: object) -> Compiled:
     return Compiled(resolve_paths(snapshot, bootstrap.path.parent), bundles)
 
 
+def is_bundle_name(name: str) -> bool:
+    """Whether ``name`` may name a stored bundle: it becomes a file name in the cache and a key in the store. The
+    one check, shared by the gateway and the config service (which must refuse what a gateway would)."""
+    return _BUNDLE_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
 def bundle_file(cache_dir: Path, name: str) -> Path:
     """Where the bundle ``name`` is kept: the file the embedded engine loads and watches."""
     return cache_dir / "bundles" / f"{name}.tar.gz"
@@ -148,7 +155,7 @@ def _point_bundles(snapshot: Snapshot, cache_dir: Path) -> tuple[Snapshot, tuple
         if engine is None or engine.engine != "embedded" or engine.bundle is None:
             continue
         name = engine.bundle
-        if _BUNDLE_NAME.fullmatch(name) is None or name in (".", ".."):
+        if not is_bundle_name(name):
             problems.append(Problem(f"{where}.bundle", f"invalid bundle name {quote(name)} ({_BUNDLE_HINT})"))
             continue
         bundles.append((f"{where}.bundle", name))

@@ -5,7 +5,7 @@ config service's instance registry. The registry needs the config service's addr
 top-level ``config_service`` section gives: the caller says whether that section is there (``registry_available``).
 Endpoint addresses are parsed once, here. The resilience settings (``circuit_breaker``, ``outlier_detection``,
 ``health_check``, ``retry_budget``) are checked for consistency (a maximum below its base, a check timeout above its
-interval) so the runtime can trust them.
+interval) so the runtime can trust them. A cluster's ``tls`` (TLS to its upstreams) is compiled by ``tls.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from gateway.config.snapshot import (
     RegistryDiscovery,
     RetryBudget,
 )
+from gateway.config.tls import UPSTREAM_TLS_KEYS, compile_upstream_tls, moved_into_tls
 from gateway.config.values import quote
 
 __all__ = ["ClusterSection", "compile_clusters"]
@@ -60,8 +61,9 @@ CLUSTER_KEYS = (
     "outlier_detection",
     "health_check",
     "retry_budget",
+    "tls",
 )
-CLUSTER_UNSUPPORTED = ("tls", "mesh_identity")
+CLUSTER_UNSUPPORTED = ("mesh_identity",)
 ENDPOINT_KEYS = ("address", "weight")
 DISCOVERY_KEYS = ("dns", "refresh", "registry")
 BREAKER_KEYS = ("max_requests", "max_pending", "consecutive_failures", "open_for", "max_open_for")
@@ -98,6 +100,7 @@ _percent = integer(0, 100)
 _ratio = number(0, 1)
 _per_second = number(0)
 _MIN_WINDOW = 1.0
+_MOVED = moved_into_tls(UPSTREAM_TLS_KEYS)  # `server_name: ...` beside `tls` instead of inside it
 
 
 @dataclass(slots=True)
@@ -118,7 +121,7 @@ def compile_clusters(value: object, problems: Problems, *, registry_available: b
     section = ClusterSection(names=[] if isinstance(value, list) else None)
     seen: dict[str, str] = {}
     for path, item in entries:
-        fields = Fields.of(item, path, problems, CLUSTER_KEYS, CLUSTER_UNSUPPORTED)
+        fields = Fields.of(item, path, problems, CLUSTER_KEYS, CLUSTER_UNSUPPORTED, _MOVED)
         if fields is not None:
             _declare(fields, section, seen, registry_available)
     return section
@@ -149,6 +152,7 @@ def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Clus
     outlier_detection = _outlier_detection(fields)
     health_check = _health_check(fields)
     retry_budget = _retry_budget(fields)
+    tls = compile_upstream_tls(fields)
     if name is None or (not endpoints and dns is None and registry is None):
         return None  # already reported; the compiler raises before any Cluster is used
     return Cluster(
@@ -164,6 +168,7 @@ def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Clus
         health_check=health_check,
         retry_budget=retry_budget,
         registry=registry,
+        tls=tls,
     )
 
 

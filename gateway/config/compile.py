@@ -31,6 +31,7 @@ from gateway.config.schema import (
 )
 from gateway.config.snapshot import Address, Limits, RateLimitService, Route, Snapshot
 from gateway.config.telemetry import compile_telemetry
+from gateway.config.tls import LISTENER_TLS_KEYS, compile_listener_tls, moved_into_tls
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"]
 
@@ -49,9 +50,10 @@ TOP_KEYS = (
     "authn",
     "authz",
     "config_service",
+    "tls",
 )
 # Never ignored silently: a gateway that dropped, say, its mesh section would serve plain text where mTLS was asked.
-TOP_UNSUPPORTED = ("tls", "mesh")
+TOP_UNSUPPORTED = ("mesh",)
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
 RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
@@ -66,6 +68,7 @@ _service = matching(_SERVICE, "service name", _SERVICE_HINT)
 _PREFIX = re.compile(r"[A-Za-z0-9:_-]+")
 _prefix = matching(_PREFIX, "prefix", 'use letters, digits, ":", "_", "-"')
 _LIMITS = Limits()
+_MOVED = moved_into_tls(LISTENER_TLS_KEYS)  # `cert_file: ...` at the top level belongs in `tls`
 _RATE_LIMIT_SERVICE = RateLimitService(Address("127.0.0.1", 6379))
 
 
@@ -86,9 +89,10 @@ def compile_document(document: object, *, partial: bool = False) -> Snapshot:
     if not isinstance(document, Mapping):
         raise ConfigError([Problem(DOCUMENT, f"expected a mapping at the top level, got {describe(document)}")])
     problems = Problems()
-    fields = Fields(document, "", problems, TOP_KEYS, TOP_UNSUPPORTED)
+    fields = Fields(document, "", problems, TOP_KEYS, TOP_UNSUPPORTED, _MOVED)
     service = fields.required("service", _service)
     listen, admin = _listeners(fields)
+    tls = compile_listener_tls(fields)
     config_service = compile_config_service(fields)
     # Clusters are compiled first (routes refer to them) but their problems are listed after the routes', in the
     # order the sections usually appear in a file.
@@ -118,6 +122,7 @@ def compile_document(document: object, *, partial: bool = False) -> Snapshot:
         authn=policy.authn,
         authz=policy.authz,
         config_service=config_service,
+        tls=tls,
         hash=canonical_hash(document),
         document=redact(document),
     )

@@ -14,16 +14,17 @@ from gateway.config.schema import Fields, Problems, duration, matching, not_abov
 from gateway.config.snapshot import ConfigService
 from gateway.config.values import quote
 
-__all__ = ["CONFIG_SERVICE_KEYS", "MAX_POLL_WAIT", "compile_config_service"]
+__all__ = ["CONFIG_SERVICE_KEYS", "GATEWAY_ID", "MAX_POLL_WAIT", "compile_config_service"]
 
 CONFIG_SERVICE_KEYS = ("url", "token_file", "cache_dir", "gateway_id", "poll_wait", "bundle_refresh")
 # The service caps a long-poll's wait at 60 s: asking for more would only look like a hung connection.
 MAX_POLL_WAIT = 60.0
 _DEFAULT = ConfigService(url="", token_file="")
 
-# Sent as the X-Meshgate-Gateway header and listed by GET /v1/gateways: a header-safe, log-safe alphabet.
-_GATEWAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_gateway_id = matching(_GATEWAY_ID, "gateway id", 'use letters, digits, ".", "_", ":", "-"; at most 128')
+# Sent as the X-Meshgate-Gateway header and listed by GET /v1/gateways: a header-safe, log-safe alphabet. The config
+# service checks the header against the same pattern (it becomes a metric label and a store key).
+GATEWAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_gateway_id = matching(GATEWAY_ID, "gateway id", 'use letters, digits, ".", "_", ":", "-"; at most 128')
 
 
 def compile_config_service(top: Fields) -> ConfigService | None:

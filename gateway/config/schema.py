@@ -60,6 +60,8 @@ NAME_HINT = 'use letters, digits, ".", "_", "-"; start with a letter or digit'
 # would serve every route unauthenticated.
 NOT_SUPPORTED = "not supported yet by this meshgate build"
 
+_NOWHERE: Mapping[str, str] = {}  # `moved`: no key of this mapping belongs in a nested section instead
+
 
 class Problems:
     """The problems found so far, in the order they were checked."""
@@ -331,6 +333,7 @@ class Fields:
         problems: Problems,
         known: Sequence[str],
         unsupported: Sequence[str] = (),
+        moved: Mapping[str, str] = _NOWHERE,
     ) -> None:
         self.raw = raw
         self.path = path
@@ -338,7 +341,7 @@ class Fields:
         self._known = known
         for key in raw:
             if not (isinstance(key, str) and key in known):
-                self._reject_key(key, unsupported)
+                self._reject_key(key, unsupported, moved)
 
     @classmethod
     def of(
@@ -348,17 +351,21 @@ class Fields:
         problems: Problems,
         known: Sequence[str],
         unsupported: Sequence[str] = (),
+        moved: Mapping[str, str] = _NOWHERE,
     ) -> Fields | None:
         """``Fields`` over ``value`` if it is a mapping, else a type problem and ``None``."""
         if isinstance(value, Mapping):
-            return cls(value, path, problems, known, unsupported)
+            return cls(value, path, problems, known, unsupported, moved)
         _expected(problems, path, "a mapping", value)
         return None
 
-    def _reject_key(self, key: object, unsupported: Sequence[str]) -> None:
+    def _reject_key(self, key: object, unsupported: Sequence[str], moved: Mapping[str, str]) -> None:
         name = key if isinstance(key, str) else describe(key)
         if name in unsupported:
             self.problems.add(self.at(name), NOT_SUPPORTED)
+        elif name in moved:
+            # A key of a nested section written one level too high (`server_name` beside `tls`, not inside it).
+            self.problems.add(self.at(name), f"unknown key (did you mean {quote(moved[name])}?)")
         else:
             self.problems.add(self.at(name), "unknown key" + did_you_mean(name, [*self._known, *unsupported]))
 

@@ -43,10 +43,13 @@ __all__ = [
     "LogLevel",
     "LogSettings",
     "LbPolicy",
+    "ListenerTls",
     "Rewrite",
     "Route",
     "RouteMatch",
     "Snapshot",
+    "TlsVersion",
+    "UpstreamTls",
     "WeightedCluster",
     "LB_POLICIES",
 ]
@@ -259,6 +262,23 @@ class RetryBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """A cluster's TLS to its upstreams (``https``). File paths are as written until ``resolve_paths`` makes them
+    absolute; the files are read when the config is applied (``gateway/tls/contexts.py``), never here.
+
+    ``ca_file`` ``None``: the system's trusted CAs. ``server_name``: the name sent as SNI and checked against the
+    upstream certificate (endpoints are mostly IP addresses, which are checked against IP SANs otherwise).
+    ``cert_file``/``key_file``: the client certificate presented (mTLS); both or neither.
+    """
+
+    ca_file: str | None = None
+    server_name: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_skip_verify: bool = False  # no certificate or name check at all: logged at every apply
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[EndpointSpec, ...] = ()  # static list; empty when `dns` or `registry` is set
@@ -273,6 +293,24 @@ class Cluster:
     retry_budget: RetryBudget = RetryBudget()
     # Last, not next to `dns`: Cluster is built positionally in places, and a new field must not shift the others.
     registry: RegistryDiscovery | None = None
+    tls: UpstreamTls | None = None  # None: plain HTTP to the endpoints
+
+
+TlsVersion = Literal["1.2", "1.3"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """TLS on the proxy listener. Turning it on or off needs a restart (the socket is bound once); new files or
+    paths are loaded live, for new handshakes (see ``gateway/tls/reloader.py``).
+
+    ``client_ca_file``: clients must present a certificate signed by one of these CAs (mTLS at the edge).
+    """
+
+    cert_file: str
+    key_file: str
+    min_version: TlsVersion = "1.2"
+    client_ca_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +373,7 @@ class Snapshot:
     authn: AuthnSettings | None = None  # None: no token is verified, the principal is null
     authz: AuthzSettings | None = None  # None: no policy decision is made
     config_service: ConfigService | None = None  # None: everything comes from this file
+    tls: ListenerTls | None = None  # None: plain HTTP on the listener
     # Provenance, for /config and the reload log.
     version: int = 0
     source: str = ""

@@ -1,7 +1,8 @@
 """SnapshotStore: check a compiled snapshot against what is serving, build its policy and upstream runtimes, swap once.
 
 The only writer of ``GatewayServer.serving``. A snapshot that cannot be applied (a listener address or parser limit
-changed: those need a restart) is refused with a ``ConfigError`` and the last good config keeps serving.
+changed, or TLS turned on or off: those need a restart; a certificate, key or CA file that does not load) is refused
+with a ``ConfigError`` and the last good config keeps serving.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.config.errors import ConfigError, Problem
 from gateway.config.snapshot import Snapshot
 from gateway.policy_runtime import Policies
 from gateway.serving import Serving
+from gateway.tls.contexts import ClientTls, server_context, upstream_contexts
 from gateway.upstream.clusters import Upstreams
 from telemetry.metrics import Metrics
 
@@ -31,6 +33,10 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Snapshot], object]], ...] = (
     ("limits.max_header_size", lambda s: s.limits.max_header_size),
     ("limits.max_headers", lambda s: s.limits.max_headers),
     ("config_service", lambda s: s.config_service),  # file or config service: chosen once, at start-up
+    # The socket is bound with or without TLS; new certificate files or paths are loaded live (tls/reloader.py).
+    ("tls", lambda s: s.tls is not None),
+    # OpenSSL copies "ask for a client certificate" into each connection from the bound context: not switchable.
+    ("tls.client_ca_file", lambda s: s.tls is not None and s.tls.client_ca_file is not None),
 )
 
 
@@ -80,10 +86,12 @@ class SnapshotStore:
                 # Not counted here: the source catches the error and calls rejected(), which counts and logs it
                 # (counting in both places made one refused edit show up as two rejections).
                 raise ConfigError(tuple(problems))
-        # Policies first: a bundle that fails to load rejects the config before any upstream state changes.
+        # TLS files first: a certificate that does not load rejects the config before anything else is touched.
+        tls = _load_tls(snapshot, reference)
+        # Policies next: a bundle that fails to load rejects the config before any upstream state changes.
         policy = await self._policies.apply(snapshot)
         stamped = self._stamp(snapshot, source, version)
-        clusters = await self._upstreams.apply(stamped.clusters)
+        clusters = await self._upstreams.apply(stamped.clusters, tls)
         return self._swap(Serving(stamped, clusters, policy))
 
     def _stamp(self, snapshot: Snapshot, source: str, version: int | None) -> Snapshot:
@@ -108,3 +116,33 @@ class SnapshotStore:
             errors=[{"path": p.path, "message": p.message} for p in error.problems],
             serving_version=self.current.snapshot.version if self.current else None,
         )
+
+
+def _load_tls(snapshot: Snapshot, reference: Snapshot | None) -> dict[str, ClientTls]:
+    """Read the TLS files ``snapshot`` names: ConfigError if any does not load. Returns the clusters' contexts.
+
+    The listener's files are only checked when its settings changed: unchanged, the certificate watcher owns them,
+    and a certificate mid-rotation on disk must not block an unrelated route change.
+    """
+    problems: list[Problem] = []
+    if snapshot.tls is not None and (reference is None or reference.tls != snapshot.tls):
+        try:
+            server_context(snapshot.tls)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    contexts: dict[str, ClientTls] = {}
+    try:
+        contexts = upstream_contexts(snapshot.clusters)
+    except ConfigError as error:
+        problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
+    for name, cluster in snapshot.clusters.items():
+        if cluster.tls is not None and cluster.tls.insecure_skip_verify:
+            # Loud at every apply, not once: a config that turns verification off must never go unnoticed.
+            log.warning(
+                "upstream_tls_verification_disabled",
+                upstream=name,
+                detail="insecure_skip_verify: true; the upstream's certificate and name are not checked",
+            )
+    return contexts

@@ -17,6 +17,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
+from gateway.config.config_service import GATEWAY_ID
 from gateway.configservice.http import STATE, ApiError, ApiState, authorize, iso, json_response
 from gateway.configservice.store import GatewayReport
 
@@ -24,7 +25,6 @@ __all__ = ["GATEWAY_HEADER", "MAX_ERROR", "add_gateway_routes", "load_reports", 
 
 GATEWAY_HEADER: Final = "X-Meshgate-Gateway"
 MAX_ERROR: Final = 300
-_MAX_ID: Final = 128
 REPORTS: Final = web.AppKey("configservice_reports", dict[tuple[str, str], GatewayReport])
 
 log = structlog.get_logger("meshgate.configservice")
@@ -47,8 +47,8 @@ async def record_poll(request: web.Request, state: ApiState, service: str) -> No
     gateway = request.headers.get(GATEWAY_HEADER)
     if gateway is None:
         return
-    if not gateway or len(gateway) > _MAX_ID or not gateway.isprintable():
-        raise ApiError(400, "bad_request", f"{GATEWAY_HEADER}: expected a printable id of 1..{_MAX_ID} characters")
+    if GATEWAY_ID.fullmatch(gateway) is None:
+        raise ApiError(400, "bad_request", f'{GATEWAY_HEADER}: expected 1..128 of letters, digits, ".", "_", ":", "-"')
     applied = _version_header(request, "X-Meshgate-Applied-Version")
     rejected = _version_header(request, "X-Meshgate-Rejected-Version")
     error = request.headers.get("X-Meshgate-Rejected-Error", "")[:MAX_ERROR] if rejected else ""

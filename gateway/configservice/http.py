@@ -113,7 +113,8 @@ def path_name(request: web.Request, key: str) -> str:
     """A name from the URL, checked: services as the gateway config spells them, other names ``[A-Za-z0-9._-]+``."""
     value = request.match_info[key]
     pattern = _SERVICE if key == "service" else _NAME
-    if len(value) > _MAX_NAME or not pattern.fullmatch(value):
+    # "." and "..": a bundle name becomes a file name on every gateway (bootstrap.is_bundle_name refuses them there)
+    if len(value) > _MAX_NAME or not pattern.fullmatch(value) or value in (".", ".."):
         hint = "lower-case letters, digits, . _ -" if key == "service" else "letters, digits, . _ -"
         raise ApiError(400, "bad_request", f"invalid {key} {value[:_MAX_NAME]!r} in the path (use {hint})")
     return value

@@ -409,6 +409,11 @@ class EtcdStore(ConfigStore):
             if seen is None or version.info.version > seen.info.version:
                 self._newest[parts[1]] = version
         elif parts[0] == "services" and len(parts) == 3 and parts[2] == "latest":
+            seen = self._newest.get(parts[1])
+            if seen is not None and (event.kind == "delete" or seen.info.version > int(event.kv.value)):
+                # The pointer went back (etcd restored from a backup): the kept version is no longer the store's, and
+                # serving it would flip gateways between it and the real latest on every poll.
+                del self._newest[parts[1]]
             self._changes.changed(("config", parts[1]))
         elif parts[0] == "rosters" and len(parts) == 2:
             self._changes.changed(("instances", parts[1]))
@@ -416,6 +421,7 @@ class EtcdStore(ConfigStore):
             self._registry.deleted(parts[1])  # an expiry (or a delete, whose roster write makes this a no-op)
 
     async def _resync(self) -> None:
+        self._newest.clear()  # the missed history may have moved a pointer back: re-read, never trust the old ones
         for key in list(self._waited):
             self._changes.changed(key)
         await self._registry.reconcile_all()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from gateway.config.bootstrap import BOOTSTRAP_ONLY, is_bundle_name
 from gateway.config.compile import compile_document
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
 from gateway.config.snapshot import Snapshot
@@ -34,17 +35,12 @@ from policy.engine_embedded import EmbeddedEngine
 from policy.settings import EngineSettings
 
 __all__ = [
-    "BOOTSTRAP_ONLY",
-    "BUNDLE_NAME",
     "CheckedConfig",
     "check_bundle",
     "check_config",
     "check_config_bundles",
 ]
 
-# Set per gateway, by the file it starts from: where it listens, who it is, how it reaches this service, its TLS.
-BOOTSTRAP_ONLY: Final = ("service", "listen", "admin", "config_service", "tls", "mesh")
-BUNDLE_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
 
 # A decision rule no bundle has: constructing an engine for it runs every module check first and then fails on the
 # decision alone. The engine reports the decision last, so that failure means every module check passed.
@@ -91,7 +87,7 @@ def check_config(service: str, document: object) -> CheckedConfig:
         name = _embedded_bundle(document.get("authz"), path)
         if name is None:
             continue
-        if not BUNDLE_NAME.fullmatch(name):
+        if not is_bundle_name(name):
             problems.append(
                 Problem(
                     f"{where}.bundle",

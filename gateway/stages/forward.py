@@ -94,12 +94,12 @@ class Forward:
         try:
             if is_websocket_upgrade(ctx.request):
                 endpoint = self._pick(ctx, runtime, None)
-                url = self._url(ctx, rewrite_path(route, ctx.path), endpoint)
+                url = self._url(ctx, runtime, rewrite_path(route, ctx.path), endpoint)
                 headers = self._headers(ctx)
                 # The upstream continues the trace as a child of the SERVER span; the session itself is not a CLIENT
                 # span (it may last for hours).
                 headers.update(self._tracer.context_headers(ctx.span, ctx.parent))
-                return await proxy_websocket(ctx, runtime.session, url, headers)
+                return await proxy_websocket(ctx, runtime.session, url, headers, runtime.server_hostname)
             return await self._attempts(ctx, route, runtime, body, exhausted_is_error)
         finally:
             runtime.admission.leave()
@@ -143,18 +143,20 @@ class Forward:
                 outcome = await send(
                     runtime.session,
                     method,
-                    self._url(ctx, path, endpoint),
+                    self._url(ctx, runtime, path, endpoint),
                     headers,
                     data,
                     until=until,
                     deadline=ctx.deadline,
+                    server_hostname=runtime.server_hostname,
+                    upstream=runtime.name,
                 )
             except BaseException:  # cancelled: the client went away
                 endpoint.abandon()
                 endpoint.breaker.on_abandon(loop.time())
                 self._observe(ctx, method, runtime.name, "", "cancelled", loop.time() - now, client)
                 if client.recording:
-                    self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, "cancelled", ())
+                    self._end_client(client, method, runtime, endpoint, path, attempt, 0, "cancelled", ())
                 raise
             elapsed = loop.time() - now
             last = attempt + 1 >= policy.attempts
@@ -163,7 +165,7 @@ class Forward:
                 changed = runtime.record(endpoint, True, loop.time())
                 self._observe(ctx, method, runtime.name, "", outcome, elapsed, client)
                 if client.recording:
-                    self._end_client(client, method, runtime.name, endpoint, path, attempt, 0, outcome, changed)
+                    self._end_client(client, method, runtime, endpoint, path, attempt, 0, outcome, changed)
                 if ctx.body_error is not None:
                     raise ctx.body_error
                 error = _failure_error(runtime.name, outcome)
@@ -184,7 +186,7 @@ class Forward:
             self._observe(ctx, method, runtime.name, str(status), "", elapsed, client)
             if client.recording:
                 error_type = str(status) if status >= 400 else ""
-                self._end_client(client, method, runtime.name, endpoint, path, attempt, status, error_type, changed)
+                self._end_client(client, method, runtime, endpoint, path, attempt, status, error_type, changed)
             if retryable_status(policy, status):  # the route counts this answer as a failed attempt
                 try:
                     retry = (
@@ -270,10 +272,10 @@ class Forward:
         raise NoHealthyUpstream(f'cluster "{runtime.name}" has no available endpoint')
 
     @staticmethod
-    def _url(ctx: RequestContext, path: str, endpoint: Endpoint) -> URL:
+    def _url(ctx: RequestContext, runtime: ClusterRuntime, path: str, endpoint: Endpoint) -> URL:
         address = endpoint.address
         return URL.build(
-            scheme="http",
+            scheme=runtime.scheme,
             host=address.host,
             port=address.port,
             path=path,
@@ -319,7 +321,7 @@ class Forward:
         self,
         span: Span,
         method: str,
-        upstream: str,
+        runtime: ClusterRuntime,
         endpoint: Endpoint,
         path: str,
         attempt: int,
@@ -334,8 +336,8 @@ class Forward:
             "server.address": address.host,
             "server.port": address.port,
             # Without the query string: it can carry tokens, and the convention asks for them to be redacted.
-            "url.full": f"http://{endpoint.key}{path}",
-            "meshgate.upstream": upstream,
+            "url.full": f"{runtime.scheme}://{endpoint.key}{path}",
+            "meshgate.upstream": runtime.name,
         }
         if status:
             attributes["http.response.status_code"] = status

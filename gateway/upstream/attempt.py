@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
+import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = ["FailureKind", "send"]
+
+log = structlog.get_logger("meshgate.upstream")
 
 # connect-failure | refused | reset | timeout (the per-try timeout) | deadline (the route's) | protocol_error
 FailureKind = str
@@ -30,14 +34,34 @@ async def send(
     *,
     until: float | None,
     deadline: float | None,
+    server_hostname: str | None = None,
+    upstream: str = "",
 ) -> aiohttp.ClientResponse | FailureKind:
-    """Send one attempt; stop waiting for response headers at ``until`` (loop time; None = never)."""
+    """Send one attempt; stop waiting for response headers at ``until`` (loop time; None = never).
+
+    ``server_hostname``: the name sent as SNI and checked against an ``https`` upstream's certificate (None: the
+    URL's host). ``upstream``: the cluster's name, for the log line of a failed TLS handshake.
+    """
     try:
         if until is None:
-            return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            return await session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, server_hostname=server_hostname
+            )
         async with asyncio.timeout_at(until):
-            return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            return await session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, server_hostname=server_hostname
+            )
     except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's connect timeout is both
+        if isinstance(exc, aiohttp.ClientSSLError):
+            # The client only sees "connect-failure"; the operator needs to know it was the handshake, and why
+            # (unknown CA, name mismatch, no client certificate ...), or a wrong CA looks like a dead upstream.
+            log.warning(
+                "upstream_tls_failed",
+                upstream=upstream,
+                endpoint=f"{url.host}:{url.port}",
+                server_name=server_hostname or url.host,
+                error=_tls_reason(exc),
+            )
         return classify(exc)
     except TimeoutError:
         return "deadline" if deadline is not None and until is not None and until >= deadline else "timeout"
@@ -54,3 +78,14 @@ def classify(exc: aiohttp.ClientError) -> FailureKind:
     if isinstance(exc, aiohttp.ServerTimeoutError):
         return "timeout"
     return "protocol_error"
+
+
+def _tls_reason(exc: aiohttp.ClientSSLError) -> str:
+    """OpenSSL's reason for a failed handshake (``certificate verify failed: unable to get local issuer
+    certificate``), without aiohttp's wrapping."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return cause.reason.lower().replace("_", " ")
+    return str(cause or exc)

@@ -4,7 +4,8 @@ Config is data, runtime is handles: a ``ClusterRuntime`` is built from a ``confi
 across reloads, keyed by cluster name, so per-endpoint state (in-flight counts, latency estimates) and warm
 keep-alive connections survive a config swap. ``Upstreams.apply`` reconciles the set with a new snapshot; a cluster
 that disappears, or whose pool settings change, is retired and its pool closed only after a grace period, so
-requests still running on the old snapshot finish.
+requests still running on the old snapshot finish. A cluster with ``tls`` gets its own ``SSLContext`` on its connector
+(and its health checker's); new TLS settings or certificate contents mean a new pool, like new pool settings.
 
 Discovery (DNS, or the config service's instance registry) feeds the same ``_set_endpoints``: an endpoint that
 disappears is only dropped from the balancer, so requests already on it finish. The registry client is a process
@@ -25,6 +26,7 @@ import structlog
 from gateway.config.snapshot import Address, Cluster, EndpointSpec
 from gateway.resilience.breaker import STATE_VALUES, Admission
 from gateway.resilience.retry import RetryBudget
+from gateway.tls.contexts import ClientTls
 from gateway.upstream.balancer import Balancer, build_balancer
 from gateway.upstream.discovery import DnsResolver, reconcile
 from gateway.upstream.health import HealthChecker
@@ -46,12 +48,14 @@ _REGISTRY_READY_TIMEOUT = 5.0
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def _new_session(spec: Cluster) -> aiohttp.ClientSession:
+def _new_session(spec: Cluster, tls: ClientTls | None) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=spec.max_connections,
         limit_per_host=0,
         ttl_dns_cache=None,  # endpoints are IP literals or resolved by DnsResolver, never per request
         enable_cleanup_closed=False,
+        # The cluster's own context (its CA, client certificate, hardened defaults); plain clusters never use TLS.
+        ssl=tls.context if tls is not None else False,
     )
     session = aiohttp.ClientSession(
         connector=connector,
@@ -73,7 +77,12 @@ class ClusterRuntime:
     """One cluster's live state. Mutated only from the event loop."""
 
     def __init__(
-        self, spec: Cluster, rng: random.Random, metrics: Metrics, registry: InstanceSource | None = None
+        self,
+        spec: Cluster,
+        rng: random.Random,
+        metrics: Metrics,
+        registry: InstanceSource | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -81,7 +90,14 @@ class ClusterRuntime:
         self._metrics = metrics
         self.endpoints: dict[str, Endpoint] = {}
         self.balancer: Balancer = build_balancer(spec.lb, rng)
-        self.session = _new_session(spec)
+        if spec.tls is not None and tls is None:
+            raise ValueError(f"cluster {spec.name!r} has tls settings but no TLS context was built for it")
+        self.tls = tls
+        # What every attempt, WebSocket and health check to this cluster uses: https with the configured SNI name
+        # (None: the endpoint's address, checked against the certificate's IP SANs).
+        self.scheme = "https" if tls is not None else "http"
+        self.server_hostname = spec.tls.server_name if spec.tls is not None else None
+        self.session = _new_session(spec, tls)
         self.admission = Admission(spec.circuit_breaker)
         self.budget = _budget(spec)
         self.outlier = OutlierDetector(spec.outlier_detection) if spec.outlier_detection else None
@@ -149,7 +165,8 @@ class ClusterRuntime:
         # Probes get their own small pool: behind a saturated data-plane pool they would time out and mark live
         # endpoints unhealthy exactly when it hurts most.
         self._health_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=16), cookie_jar=aiohttp.DummyCookieJar()
+            connector=aiohttp.TCPConnector(limit=16, ssl=self.tls.context if self.tls is not None else False),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._health = HealthChecker(
             self.name,
@@ -158,6 +175,8 @@ class ClusterRuntime:
             lambda: tuple(self.endpoints.values()),
             self._on_health_change,
             rng=self._rng,
+            scheme=self.scheme,
+            server_hostname=self.server_hostname,
         )
         self._health.start()
 
@@ -254,8 +273,13 @@ class ClusterRuntime:
     def in_flight(self) -> int:
         return sum(endpoint.in_flight for endpoint in self.endpoints.values())
 
-    def pool_settings_changed(self, spec: Cluster) -> bool:
-        return (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections)
+    def pool_settings_changed(self, spec: Cluster, tls: ClientTls | None = None) -> bool:
+        """Does ``spec`` (with its TLS context, if any) need a new pool? New TLS settings or file contents do:
+        the pool's connections were made with the old ones."""
+        if (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections):
+            return True
+        fingerprint = tls.fingerprint if tls is not None else None
+        return fingerprint != (self.tls.fingerprint if self.tls is not None else None)
 
     async def update(self, spec: Cluster) -> None:
         """Apply a changed spec whose pool settings are unchanged (see ``pool_settings_changed``)."""
@@ -336,19 +360,25 @@ class Upstreams:
             for state, count in counts.items():
                 yield (name, state), count
 
-    async def apply(self, clusters: Mapping[str, Cluster]) -> dict[str, ClusterRuntime]:
-        """Return the runtimes for ``clusters``, reusing live ones; retire what is no longer needed."""
+    async def apply(
+        self, clusters: Mapping[str, Cluster], tls: Mapping[str, ClientTls] | None = None
+    ) -> dict[str, ClusterRuntime]:
+        """Return the runtimes for ``clusters``, reusing live ones; retire what is no longer needed.
+
+        ``tls``: the client context of each cluster with ``tls`` (``tls.contexts.upstream_contexts``), built from the
+        files as they are now; a cluster whose context differs from its pool's gets a new pool."""
+        tls = tls or {}
         fresh: dict[str, ClusterRuntime] = {}
         for name, spec in clusters.items():
             runtime = self._live.get(name)
+            context = tls.get(name)
             if runtime is None:
-                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context)
+            elif runtime.pool_settings_changed(spec, context):
+                self._retire(runtime)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context)
             elif runtime.spec != spec:
-                if runtime.pool_settings_changed(spec):
-                    self._retire(runtime)
-                    runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry)
-                else:
-                    await runtime.update(spec)
+                await runtime.update(spec)
             fresh[name] = runtime
         for name, runtime in self._live.items():
             if fresh.get(name) is not runtime:

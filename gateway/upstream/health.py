@@ -5,7 +5,7 @@
 it healthy again), as Envoy's health checker does.
 
 ``HealthChecker`` is the I/O shell. Every ``interval`` (jittered by +-10% so the replicas of a fleet do not probe in
-lockstep) it sends ``GET http://<endpoint><path>`` to each endpoint, with its own ``timeout``, and sets
+lockstep) it sends ``GET http(s)://<endpoint><path>`` to each endpoint, with its own ``timeout``, and sets
 ``endpoint.healthy`` on each transition. Decisions, and why:
 
 * **2xx is a success**, anything else (other statuses, refused, reset, timeout) a failure. Envoy accepts only 200 by
@@ -112,6 +112,8 @@ class HealthChecker:
         on_change: OnHealthChange | None = None,
         *,
         rng: random.Random | None = None,
+        scheme: str = "http",
+        server_hostname: str | None = None,
     ) -> None:
         if settings.interval <= 0 or settings.timeout <= 0:
             raise ValueError("health check interval and timeout must be positive")
@@ -124,6 +126,8 @@ class HealthChecker:
         self._rng = rng or random.Random()
         path = settings.path if settings.path.startswith("/") else "/" + settings.path
         self._path = path
+        self._scheme = scheme  # "https" for a cluster with tls: the check goes over the cluster's TLS context
+        self._server_hostname = server_hostname
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
         self._tracked: dict[str, _Tracked] = {}
         self._checks: set[asyncio.Task[None]] = set()  # every check in flight, those of departed endpoints too
@@ -206,10 +210,14 @@ class HealthChecker:
 
     async def _probe(self, endpoint: Endpoint) -> str | None:
         """One GET; None when it succeeded, else a short reason for the log."""
-        url = f"http://{endpoint.address}{self._path}"
+        url = f"{self._scheme}://{endpoint.address}{self._path}"
         try:
             async with self._session.get(
-                url, headers=HEADERS, timeout=self._timeout, allow_redirects=False
+                url,
+                headers=HEADERS,
+                timeout=self._timeout,
+                allow_redirects=False,
+                server_hostname=self._server_hostname,
             ) as response:
                 # Drain a small body so the keep-alive connection can be reused; more than that is not worth it.
                 drained = 0

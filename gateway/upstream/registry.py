@@ -29,6 +29,7 @@ from typing import Protocol
 import aiohttp
 import structlog
 
+from gateway.config.errors import ConfigError
 from gateway.config.snapshot import Address, RegistryDiscovery
 from gateway.config.values import format_duration, parse_address
 from gateway.resilience.backoff import full_jitter
@@ -106,15 +107,17 @@ class RegistryClient:
     """The gateway's handle on the config service's instance registry. Create it in a running loop; ``await
     close()`` at exit (it closes ``session`` only if it made it).
 
-    ``base_url`` is ``config_service.url`` (e.g. ``http://127.0.0.1:7000``), ``token`` the gateway token read from
-    ``config_service.token_file``. One long-poll connection is held per watched cluster, so the own session's pool is
-    unbounded (a cap would starve watches beyond it); a passed-in ``session`` should allow as many connections.
+    ``base_url`` is ``config_service.url`` (e.g. ``http://127.0.0.1:7000``); ``token`` the gateway token, or a
+    function returning it (the app reads ``config_service.token_file`` on every poll, as the config poller does, so a
+    rotated token is used at once; a ``ConfigError`` from it counts as a failed poll). One long-poll connection is
+    held per watched cluster, so the own session's pool is unbounded (a cap would starve watches beyond it); a
+    passed-in ``session`` should allow as many connections.
     """
 
     def __init__(
         self,
         base_url: str,
-        token: str,
+        token: str | Callable[[], str],
         session: aiohttp.ClientSession | None = None,
         *,
         wait: float = 30.0,
@@ -148,7 +151,11 @@ class RegistryClient:
         Without ``etag`` the registry answers at once. Raises ``RegistryError``, ``aiohttp.ClientError`` or
         ``TimeoutError`` when there is no usable answer.
         """
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        try:
+            token = self._token() if callable(self._token) else self._token
+        except ConfigError as exc:  # the token file is unreadable or empty now: retried like any failed poll
+            raise RegistryError(str(exc.problems[0])) from None
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         params: dict[str, str] = {}
         if etag is not None:
             headers["If-None-Match"] = etag

@@ -39,8 +39,14 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 
 
 async def proxy_websocket(
-    ctx: RequestContext, session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str]
+    ctx: RequestContext,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    server_hostname: str | None = None,
 ) -> web.StreamResponse:
+    """Relay one WebSocket: ``url`` is the upstream's ``http(s)`` URL (``wss`` for a cluster with TLS), and
+    ``server_hostname`` the cluster's ``tls.server_name``."""
     request = ctx.request
     if not web.WebSocketResponse().can_prepare(request).ok:
         # Check the client's half of the handshake (key, version) before opening one upstream: a broken one is the
@@ -54,7 +60,12 @@ async def proxy_websocket(
         # upstream that accepts the connection but never answers must give 504, not hang the client forever.
         async with asyncio.timeout_at(ctx.deadline):
             upstream = await session.ws_connect(
-                url.with_scheme("ws"), headers=headers, protocols=protocols, autoping=False, autoclose=False
+                url.with_scheme("wss" if url.scheme == "https" else "ws"),
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                autoclose=False,
+                server_hostname=server_hostname,
             )
     except TimeoutError:
         raise UpstreamTimeout("upstream did not accept the WebSocket upgrade within the route timeout") from None

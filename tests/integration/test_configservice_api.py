@@ -489,6 +489,10 @@ async def test_gateway_reports_and_push_to_applied(service: Service) -> None:
     assert (await service.client.get("/v1/gateways?service=other", headers=restricted)).status == 403
     bad = {**GW_AUTH, "X-Meshgate-Gateway": "gw-1", "X-Meshgate-Applied-Version": "one"}
     assert (await service.client.get("/v1/services/orders/config", headers=bad)).status == 400
+    # The id becomes a metric label and a store key: the gateway's own alphabet (config_service.gateway_id) only.
+    for wrong in ("gw 1", "gw/1", "-gw", "g" * 129):
+        bad = {**GW_AUTH, "X-Meshgate-Gateway": wrong, "X-Meshgate-Applied-Version": "1"}
+        assert (await service.client.get("/v1/services/orders/config", headers=bad)).status == 400, wrong
 
 
 async def test_metrics_count_requests_by_route_template(service: Service) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -16,12 +17,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from gateway.app import build_pipeline
+from gateway.config.bootstrap import read_token
 from gateway.config.compile import compile_document
 from gateway.config.snapshot import Address, Cluster, RegistryDiscovery
 from gateway.config.store import SnapshotStore
@@ -189,6 +192,29 @@ async def test_a_wrong_token_is_a_failure_not_an_empty_list(fake_registry: Runni
             await next_list(watch, within=0.3)
         assert len(fake_registry.registry.polls) >= 2
     finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+        await client.close()
+
+
+async def test_a_rotated_token_file_is_used_without_a_restart(fake_registry: Running, tmp_path: Path) -> None:
+    fake_registry.registry.put("a", "127.0.0.1:9001", ttl=60)
+    token_file = tmp_path / "gw.token"
+    token_file.write_text("wrong\n")
+    client = RegistryClient(
+        fake_registry.url, functools.partial(read_token, token_file), backoff_base=0.01, backoff_cap=0.02
+    )
+    watch = client.watch("orders")
+    pending = asyncio.ensure_future(next_list(watch, within=3.0))
+    try:
+        await asyncio.sleep(0.2)
+        token_file.write_text("")  # mid-rotation: an empty file is a failed poll, never an unauthenticated one
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        assert len(fake_registry.registry.polls) >= 2
+        token_file.write_text(f"{TOKEN}\n")
+        assert await pending == (Address("127.0.0.1", 9001),)
+    finally:
+        pending.cancel()
         await watch.aclose()  # type: ignore[attr-defined]
         await client.close()
 

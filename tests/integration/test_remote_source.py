@@ -23,6 +23,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from gateway.config.bootstrap import Bootstrap, load_config
+from gateway.config.sources import remote
 from gateway.config.sources.cache import read_cached
 from gateway.config.sources.remote import RemoteSource
 from gateway.config.store import SnapshotStore
@@ -33,6 +34,8 @@ from policy.bundle import build_tarball
 from telemetry.metrics import Metrics
 from tests.fake_configservice import SERVICE, TOKEN, FakeService, pushed
 from tests.procs import free_port
+
+real_store_bundle = remote._store_bundle
 
 
 @dataclass
@@ -278,6 +281,43 @@ async def test_a_refused_token_is_logged_and_backed_off(
     service.token = "rotated"
     (tmp_path / "gw.token").write_text("rotated\n")
     await eventually(lambda: gw.serving is not None, within=5.0, what="the version after the token rotation")
+
+
+async def test_a_200_for_the_version_already_taken_is_paced_like_an_early_304(
+    service: FakeService, start_gateway: Start
+) -> None:
+    service.push(pushed("a"))
+    service.ignore_if_none_match = True  # every poll answers 200 "1" at once
+    await service.start()
+    gw = await start_gateway(service.url)
+    polls = len(service.polls)
+    await asyncio.sleep(1.0)
+    # Jittered pauses (0.05 s growing to 5 s): a handful of polls, not the thousands of a busy loop.
+    assert len(service.polls) - polls < 20
+    assert (routes(gw), gw.version()) == (["a"], 1)
+
+
+async def test_an_unexpected_error_while_taking_a_version_does_not_stop_the_polls(
+    service: FakeService, start_gateway: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.push(pushed("a"))
+    service.bundles["authz"] = make_bundle(tmp_path, "b", "r1")
+    await service.start()
+    gw = await start_gateway(service.url)
+    failures = [OSError(28, "No space left on device")]
+
+    def store_bundle(path: Path, data: bytes) -> bool:
+        if failures:
+            raise failures.pop()
+        return real_store_bundle(path, data)
+
+    monkeypatch.setattr(remote, "_store_bundle", store_bundle)
+    with capture_logs() as logs:
+        service.push(pushed("a", "b", authz={"bundle": "authz"}))
+        # The disk error is logged and the version asked for again, not the poll task's silent end.
+        await eventually(lambda: gw.version() == 2, within=5.0, what="version 2 after the disk error")
+    assert any(e["event"] == "config_poll_failed" for e in logs)
+    assert gw.rejected() == 0
 
 
 # --- bundles --------------------------------------------------------------------------------------------------------

@@ -117,6 +117,32 @@ async def test_a_write_on_one_replica_wakes_a_waiter_on_the_other(stores: tuple[
     assert max(latencies) < 0.25, latencies  # measured ~4 ms, the put's own round trip included
 
 
+async def test_a_latest_pointer_moved_back_is_not_answered_from_memory(
+    stores: tuple[EtcdStore, EtcdStore], etcd: EtcdServer, prefix: str
+) -> None:
+    a, b = stores
+    for n in (1, 2, 3):
+        await a.put_config("orders", {"v": n}, f"h{n}", "ops")
+    found = await b.wait_newer("orders", 2, 5)  # b keeps version 3 in memory from its watch
+    assert found is not None
+    assert found.info.version == 3
+    # A restore from a backup taken at version 2: version 3 is gone, the pointer says 2.
+    kv = EtcdKV([etcd.endpoint])
+    try:
+        await kv.delete(f"{prefix}services/orders/versions/{3:012d}".encode())
+        await kv.put(f"{prefix}services/orders/latest".encode(), b"2")
+    finally:
+        await kv.close()
+
+    async def nothing_newer() -> bool:
+        return await b.wait_newer("orders", 2, 0.05) is None  # not the vanished version 3
+
+    await eventually(nothing_newer, 5.0, "version 3 forgotten by the replica that kept it")
+    latest = await b.latest("orders")
+    assert latest is not None
+    assert latest.info.version == 2
+
+
 async def test_instances_join_heartbeat_leave_across_replicas(stores: tuple[EtcdStore, EtcdStore]) -> None:
     a, b = stores
     empty = await b.instances("orders")

@@ -34,7 +34,8 @@ def read_config(path: Path) -> Snapshot:
 
 
 def resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
-    """Files a config names (policy bundles, key files) are relative to the config file, wherever meshgate runs."""
+    """Files a config names (policy bundles, key files, certificates) are relative to the config file, wherever
+    meshgate runs."""
 
     def resolve(name: str | None) -> str | None:
         return None if name is None else str(base / name) if not Path(name).is_absolute() else name
@@ -53,7 +54,31 @@ def resolve_paths(snapshot: Snapshot, base: Path) -> Snapshot:
             token_file=str(resolve(config_service.token_file)),
             cache_dir=str(resolve(config_service.cache_dir)),
         )
-    return dataclasses.replace(snapshot, authn=authn, authz=authz, config_service=config_service)
+    tls = snapshot.tls
+    if tls is not None:
+        tls = dataclasses.replace(
+            tls,
+            cert_file=str(resolve(tls.cert_file)),
+            key_file=str(resolve(tls.key_file)),
+            client_ca_file=resolve(tls.client_ca_file),
+        )
+    clusters = {
+        name: cluster
+        if cluster.tls is None
+        else dataclasses.replace(
+            cluster,
+            tls=dataclasses.replace(
+                cluster.tls,
+                ca_file=resolve(cluster.tls.ca_file),
+                cert_file=resolve(cluster.tls.cert_file),
+                key_file=resolve(cluster.tls.key_file),
+            ),
+        )
+        for name, cluster in snapshot.clusters.items()
+    }
+    return dataclasses.replace(
+        snapshot, authn=authn, authz=authz, config_service=config_service, tls=tls, clusters=clusters
+    )
 
 
 class FileSource:

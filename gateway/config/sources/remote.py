@@ -14,7 +14,9 @@ One background task runs the whole life:
    keeps serving.
 3. **failures**: an unreachable service, a 5xx, an unreadable answer or a refused token (401/403, logged as
    ``config_service_auth_failed``) back off with full jitter (0.5 s doubling to 30 s), so a fleet that lost the
-   service together does not come back in step.
+   service together does not come back in step. Anything unexpected (a full disk) backs off the same way, logged
+   with its traceback: the poll task never ends but by ``stop``. An answer with nothing new that comes back early
+   (304, or a 200 carrying the ETag already taken) is followed by a short jittered pause.
 
 A second task re-fetches the serving version's bundles every ``bundle_refresh`` with ``If-None-Match``; a changed
 bundle is written atomically and the policy runtime's file watcher loads it.
@@ -177,17 +179,22 @@ class RemoteSource:
         await self._poll_forever()
 
     async def _start_up(self) -> None:
+        # The wait bounds the fetch and the bundle downloads, never ``store.apply``: a cancellation in the middle of
+        # an apply could leave the upstream or policy runtimes half switched to a version that is not serving.
+        deadline = asyncio.get_running_loop().time() + self._startup_wait
         try:
-            async with asyncio.timeout(self._startup_wait):
+            async with asyncio.timeout_at(deadline):
                 answer = await self._fetch(None)
-                if answer is not None:
-                    await self._take(answer)
-                else:
-                    log.info("config_service_no_config", service=self._bootstrap.snapshot.service)
+            if answer is not None:
+                await self._take(answer, deadline=deadline)
+            else:
+                log.info("config_service_no_config", service=self._bootstrap.snapshot.service)
         except TimeoutError:
             log.warning("config_service_slow", waited_s=self._startup_wait, url=self._settings.url)
         except ServiceUnavailable as error:
             self._log_unavailable(error, None)
+        except Exception:  # as in the poll loop: never the end of the task, the cache and the polls still follow
+            log.exception("config_start_up_failed", gateway=self.gateway_id)
         if self._store.current is None:
             await self._serve_cache()
         if self._store.current is None:
@@ -201,13 +208,22 @@ class RemoteSource:
                 confirm, wait = self._from_cache, self._settings.poll_wait
                 answer = await self._fetch(None if confirm else wait)
                 self._from_cache = False
-                if answer is not None and (confirm or answer.etag != self._etag):
+                if answer is not None and not confirm and answer.etag == self._etag:
+                    # A 200 for the version already taken (a proxy that dropped If-None-Match, a service without
+                    # long-poll): no news, and paced like a 304 that came back early, not re-polled at once.
+                    answer = None
+                if answer is not None:
                     await self._take(answer)
                 failures = 0
-            except ServiceUnavailable as error:
+            except Exception as error:
+                # Anything else (a full disk under cache_dir, a bug) must not end the task: a gateway that stops
+                # polling keeps serving but never follows the service again.
                 delay = full_jitter(failures, *self._backoff, self._rng)
                 failures += 1
-                self._log_unavailable(error, delay)
+                if isinstance(error, ServiceUnavailable):
+                    self._log_unavailable(error, delay)
+                else:
+                    log.exception("config_poll_failed", gateway=self.gateway_id, retry_in_s=round(delay, 3))
                 await self._pause(delay)
                 continue
             if answer is None and time.monotonic() - started < self._settings.poll_wait / 2:
@@ -233,12 +249,13 @@ class RemoteSource:
 
     # --- one version --------------------------------------------------------------------------------------------
 
-    async def _take(self, answer: _Version) -> None:
-        """Apply ``answer`` or reject it. ``ServiceUnavailable`` (a bundle could not be fetched) leaves it untaken:
-        the next poll asks for it again."""
+    async def _take(self, answer: _Version, *, deadline: float | None = None) -> None:
+        """Apply ``answer`` or reject it. ``ServiceUnavailable`` (a bundle could not be fetched), or ``TimeoutError``
+        when the downloads outlast ``deadline`` (loop time), leaves it untaken: the next poll asks for it again."""
         try:
             compiled = compile_pushed(self._bootstrap, answer.pushed)
-            await self._download(compiled)
+            async with asyncio.timeout_at(deadline):
+                await self._download(compiled)
             await self._store.apply(compiled.snapshot, self.source, version=answer.version)
         except ConfigError as error:
             self._store.rejected(f"{self.source} version {answer.version}", error)
@@ -353,7 +370,7 @@ class RemoteSource:
             for where, name in self._bundles:
                 try:
                     await self._fetch_bundle(where, name)
-                except (ServiceUnavailable, ConfigError) as error:
+                except (ServiceUnavailable, ConfigError, OSError) as error:  # OSError: writing under cache_dir
                     failed = str(error)
             # Logged when it starts and stops failing, not every few seconds while the service is away.
             if failed is not None and not self._refresh_failing:

@@ -43,7 +43,7 @@ TOP_LEVEL = [
     case({"route": []}, 'route: unknown key (did you mean "routes"?)'),
     case({"zzz": 1}, "zzz: unknown key"),
     case({"config_service": {}}, "config_service.url: required", "config_service.token_file: required"),
-    case({"tls": {}}, f"tls: {NS}"),
+    case({"tls": {}}, "tls.cert_file: required", "tls.key_file: required"),
     case({"mesh": {}}, f"mesh: {NS}"),
     case({"routes": DELETE}, "routes: required"),
     case({"routes": {}}, "routes: expected a list, got a mapping"),
@@ -339,7 +339,7 @@ CLUSTERS = [
     case({f"{C}.max_connections": 0}, "clusters[0].max_connections: must be >= 1"),
     case({f"{C}.max_connections": "10"}, 'clusters[0].max_connections: expected an integer, got "10"'),
     case({f"{C}.max_connections": True}, "clusters[0].max_connections: expected an integer, got true"),
-    case({f"{C}.tls": {}}, f"clusters[0].tls: {NS}"),
+    case({f"{C}.tls": []}, "clusters[0].tls: expected a mapping, got a list"),
     case({f"{C}.mesh_identity": "spiffe://x/service/y"}, f"clusters[0].mesh_identity: {NS}"),
 ]
 

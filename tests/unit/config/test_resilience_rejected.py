@@ -262,7 +262,7 @@ BUDGETS = [
 ]
 
 OTHER_CLUSTER_KEYS = [
-    case({f"{C}.tls": {}}, "clusters[0].tls: not supported yet by this meshgate build"),
+    case({f"{C}.server_name": "x"}, 'clusters[0].server_name: unknown key (did you mean "tls.server_name"?)'),
     case({f"{C}.circuit_braker": {}}, 'clusters[0].circuit_braker: unknown key (did you mean "circuit_breaker"?)'),
 ]
 

@@ -40,6 +40,13 @@ def test_valid_config_compiles_for_the_urls_service() -> None:
              "(PUT /v1/bundles/{name}), not a file path"],
             id="bundle-path",
         ),
+        pytest.param(
+            # Accepted here once, then refused by every gateway (its bundle file would be cache_dir/bundles/...).
+            {"routes": ROUTES, "clusters": CLUSTERS, "authz": {"bundle": ".."}},
+            ["authz.bundle: '..' is not a bundle name: authz.bundle names a bundle stored in the config service "
+             "(PUT /v1/bundles/{name}), not a file path"],
+            id="bundle-dot-dot",
+        ),
     ],
 )  # fmt: skip
 def test_rejected_configs(document: Any, problems: list[str]) -> None:
