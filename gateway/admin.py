@@ -49,6 +49,8 @@ class AdminState:
 
     def __init__(self) -> None:
         self.draining = False
+        # Something else the gateway waits for before it can serve (the mesh certificate): a reason, or None.
+        self.waiting_for: Callable[[], str | None] = lambda: None
 
 
 def build_admin_app(
@@ -68,6 +70,9 @@ def build_admin_app(
             return web.json_response({"status": "draining", **body}, status=503)
         if current is None:
             return web.json_response({"status": "no config loaded", **body}, status=503)
+        waiting = state.waiting_for()
+        if waiting is not None:
+            return web.json_response({"status": waiting, **body}, status=503)
         return web.json_response({"status": "ready", **body, "ready": True})
 
     async def local_metrics(request: web.Request) -> web.Response:

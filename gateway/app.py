@@ -20,9 +20,12 @@ from gateway.admin import AdminState, build_admin_app
 from gateway.config.bootstrap import Bootstrap, load_config, read_token
 from gateway.config.errors import ConfigError
 from gateway.config.snapshot import Snapshot
+from gateway.config.sources.cache import service_dir
 from gateway.config.sources.file import FileSource
 from gateway.config.sources.remote import RemoteSource
 from gateway.config.store import SnapshotStore
+from gateway.mesh.runtime import STARTUP_WAIT as MESH_STARTUP_WAIT
+from gateway.mesh.runtime import Mesh
 from gateway.pipeline import Handler, Stage, compose
 from gateway.policy_runtime import Policies
 from gateway.server import GatewayServer
@@ -108,13 +111,31 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     # Derived from the server's own in-flight count at scrape time: no second counter kept per request.
     metrics.active_requests.set_function(lambda: server.in_flight)
     # Clusters with `discovery: {registry: NAME}` follow the config service's instance registry.
-    # The token is read from its file on every poll (as by RemoteSource): a rotated token is used at once.
+    # The token is read from its file on every poll (as by RemoteSource): a rotated token is used at once. The last
+    # instance lists are cached beside the config, so a restart while the service is down still has endpoints.
     registry = (
-        RegistryClient(bootstrap.settings.url, functools.partial(read_token, bootstrap.settings.token_file), rng=rng)
+        RegistryClient(
+            bootstrap.settings.url,
+            functools.partial(read_token, bootstrap.settings.token_file),
+            rng=rng,
+            cache_dir=service_dir(bootstrap.settings.cache_dir, bootstrap.snapshot.service),
+        )
         if bootstrap is not None
         else None
     )
-    upstreams = Upstreams(rng, grace=5.0, metrics=metrics, registry=registry)
+    # `mesh`: the gateway's mesh certificate, from the config service (a bootstrap-only section, so `bootstrap` is set).
+    mesh = (
+        Mesh(
+            first.mesh,
+            first.service,
+            bootstrap.settings.url,
+            functools.partial(read_token, bootstrap.settings.token_file),
+            rng,
+        )
+        if first.mesh is not None and bootstrap is not None
+        else None
+    )
+    upstreams = Upstreams(rng, grace=5.0, metrics=metrics, registry=registry, mesh=mesh)
     metrics.state_gauges(upstreams.breaker_rows, upstreams.endpoint_rows)
     metrics.log_drops(lambda: default_writer().dropped)
     metrics.span_counts(tracer.counts)
@@ -142,6 +163,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         # keep them (parser limits belong in the bootstrap).
         store.bind(first)
     admin_state = AdminState()
+    if mesh is not None:
+        admin_state.waiting_for = lambda: None if mesh.ready else "no valid mesh certificate"
     admin_runner = web.AppRunner(
         # peers (--workers only): /metrics answers for the whole group, see gateway/admin.py.
         build_admin_app(admin_state, lambda: server.serving, metrics, peers),
@@ -177,6 +200,16 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     # workers.run_worker blocks these until now so that a signal during start-up waits for these handlers instead
     # of killing the process; one that came in meanwhile is delivered here. (A no-op when nothing blocked them.)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    listener_context = certificate.context if certificate is not None else None
+    if mesh is not None:
+        # The certificate is asked for before the listener binds, within a bound: a config service that is down
+        # must not keep the admin port (and the cached config) from coming up. Until one arrives, mesh handshakes
+        # fail and /readyz says 503; renewal keeps asking, with backoff.
+        mesh.start()
+        if not await mesh.wait_ready(MESH_STARTUP_WAIT):
+            log.warning("mesh_certificate_pending", identity=mesh.identity, waited_s=MESH_STARTUP_WAIT)
+        if mesh.listener is not None:
+            listener_context = mesh.listener.context
     try:
         # The proxy listener first, the admin one second: /readyz may only say 200 once the proxy port accepts.
         await server.start(
@@ -184,7 +217,9 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
             snapshot.listen.port,
             reuse_port=reuse_port,
             limits=snapshot.limits,
-            ssl_context=certificate.context if certificate is not None else None,
+            ssl_context=listener_context,
+            mesh=mesh is not None,
+            permissive=mesh is not None and mesh.settings.mtls == "permissive",
         )
         await admin_runner.setup()
         await web.TCPSite(admin_runner, snapshot.admin.host, snapshot.admin.port, reuse_port=reuse_port).start()
@@ -196,6 +231,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         await admin_runner.cleanup()
         await upstreams.close()
         await policies.close()
+        if mesh is not None:
+            await mesh.stop()
         return 1
 
     # A remote source starts here: its first version (or the cached copy) makes /readyz 200, never before.
@@ -212,6 +249,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
         listen=str(snapshot.listen),
         admin=str(snapshot.admin),
         tls=certificate is not None,
+        mesh=mesh.settings.mtls if mesh is not None else None,
+        identity=mesh.identity if mesh is not None else None,
         version=server.serving.snapshot.version if server.serving else None,
         config_service=bootstrap.settings.url if bootstrap else None,
     )
@@ -228,6 +267,8 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
     await upstreams.close()
     if registry is not None:
         await registry.close()  # Upstreams does not own it
+    if mesh is not None:
+        await mesh.stop()  # after the drain: requests still in flight may open mesh connections
     await policies.close()
     await ratelimit.close()
     # Spans of the last requests are still queued: export them, bounded (a dead collector must not hold the exit).

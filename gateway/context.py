@@ -35,6 +35,7 @@ class RequestContext:
         "fallback",
         "parent",
         "path",
+        "peer_identity",
         "principal",
         "query",
         "reason",
@@ -65,6 +66,9 @@ class RequestContext:
         self.client_ip = ""
         self.client_port = 0
         self.scheme = "http"
+        # The caller's mesh identity (spiffe://...): the URI SAN of a client certificate the mesh CAs verified on a
+        # mesh listener; "" otherwise. Set at accept, for the policy input, the span and the access log.
+        self.peer_identity = ""
         self.path = ""  # normalized path: what routing, policy and the upstream see
         self.query = ""  # raw (still percent-encoded) query string, forwarded as received
         self.route: Route | None = None

@@ -22,6 +22,8 @@ from gateway.config.snapshot import Limits
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, GatewayError, NotReady
 from gateway.headers import new_request_id
+from gateway.mesh.peer import peer_identity
+from gateway.mesh.permissive import SniffingSite
 from gateway.pipeline import Handler
 from gateway.serving import Serving
 from gateway.stages.rescue import local_reply
@@ -43,6 +45,8 @@ class GatewayServer:
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
         self._scheme = "http"  # "https" once started with TLS: url.scheme, x-forwarded-proto, the policy input
+        # Mesh listener (strict or permissive): each connection's scheme and verified peer identity are its own.
+        self._mesh = False
 
     @property
     def in_flight(self) -> int:
@@ -56,6 +60,8 @@ class GatewayServer:
         ctx = RequestContext(request, serving, time.perf_counter())
         ctx.scheme = self._scheme
         transport = request.transport
+        if self._mesh and transport is not None:
+            ctx.scheme, ctx.peer_identity = _mesh_peer(request.protocol, transport)
         peer = transport.get_extra_info("peername") if transport is not None else None
         if peer:
             ctx.client_ip, ctx.client_port = peer[0], peer[1]
@@ -83,9 +89,13 @@ class GatewayServer:
         reuse_port: bool,
         limits: Limits | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        mesh: bool = False,
+        permissive: bool = False,
     ) -> None:
         """Listen on ``host:port``. The parser limits are ``limits``, or the serving config's (then required).
-        ``ssl_context``: serve TLS with it (``tls.reloader.ListenerCertificate.context``); None: plain HTTP."""
+        ``ssl_context``: serve TLS with it (``tls.reloader.ListenerCertificate.context``); None: plain HTTP.
+        ``mesh``: the context is the mesh's: each request gets its connection's verified peer identity.
+        ``permissive``: plain HTTP too, on the same port (``mesh.permissive``)."""
         if limits is None:
             serving = self.serving
             assert serving is not None
@@ -108,9 +118,15 @@ class GatewayServer:
         # (which it waits twice: for handlers, then for their cancellation) is kept short.
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024, ssl_context=ssl_context)
+        site: web.TCPSite
+        if permissive:
+            assert ssl_context is not None
+            site = SniffingSite(self._runner, host, port, context=ssl_context, reuse_port=reuse_port, backlog=1024)
+        else:
+            site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024, ssl_context=ssl_context)
         await site.start()
-        self._scheme = "https" if ssl_context is not None else "http"
+        self._scheme = "https" if ssl_context is not None and not permissive else "http"
+        self._mesh = mesh and ssl_context is not None
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, close idle connections, let in-flight requests finish for up to ``drain_timeout``
@@ -139,8 +155,24 @@ class _Server(web.Server):
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
 
+def _mesh_peer(protocol: object, transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """``(scheme, peer identity)`` of a mesh listener's connection, worked out at its first request and kept on
+    its handler: the certificate does not change for the connection's life, and decoding it costs microseconds."""
+    known: tuple[str, str] | None = getattr(protocol, "mesh_peer", None)
+    if known is not None:
+        return known
+    tls = transport.get_extra_info("ssl_object")
+    # getpeercert() is None without a client certificate; it only ever holds one the mesh CAs verified.
+    known = ("https", peer_identity(tls.getpeercert())) if tls is not None else ("http", "")
+    if isinstance(protocol, _ProtocolHandler):
+        protocol.mesh_peer = known
+    return known
+
+
 class _ProtocolHandler(RequestHandler):
     """aiohttp's connection handler with protocol-level errors rendered as the contract's JSON reply."""
+
+    mesh_peer: tuple[str, str] | None = None  # (scheme, peer identity), see _mesh_peer
 
     def handle_error(
         self,

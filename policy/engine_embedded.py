@@ -75,7 +75,7 @@ class EmbeddedEngine:
         self.bundle: Final = bundle
         self.decision: Final = decision
         self._rule = ".".join(("data", *rule_path(decision)))
-        self._engine = regorus.Engine()
+        self._engine: Any = regorus.Engine()  # None once closed
         self._engine.set_rego_v0(bundle.rego_version == 0)
         problems: list[str] = []
         for file, text in bundle.modules:
@@ -105,11 +105,14 @@ class EmbeddedEngine:
 
     def evaluate_sync(self, input: Mapping[str, Any]) -> object:
         """The decision rule's value for ``input`` (JSON types), ``UNDEFINED``, or ``PolicyError``."""
+        engine = self._engine
+        if engine is None:
+            raise PolicyError("embedded policy evaluation failed: the engine is closed")
         try:
             # set_input converts the dict directly: as fast as set_input_json and no json.dumps (see docstring).
-            self._engine.set_input(input)
-            value = self._engine.eval_rule(self._rule)
-            if value is None and (not self._may_be_null or not self._engine.eval_query(self._rule)["result"]):
+            engine.set_input(input)
+            value = engine.eval_rule(self._rule)
+            if value is None and (not self._may_be_null or not engine.eval_query(self._rule)["result"]):
                 return UNDEFINED
         except (RuntimeError, TypeError, ValueError, OverflowError) as error:
             raise PolicyError(f"embedded policy evaluation failed: {_one_line(str(error))}") from None
@@ -120,7 +123,10 @@ class EmbeddedEngine:
         return self.evaluate_sync(input)
 
     async def close(self) -> None:
-        return None
+        # regorus' engine may only be freed on the thread that made it (the event loop's). Dropped here, on that
+        # thread: this object may end in a reference cycle whose collection runs on a worker thread (asyncio.to_thread),
+        # where dropping the engine fails ("unsendable") and leaks it.
+        self._engine = None
 
 
 def _as_json(value: object) -> object:

@@ -24,6 +24,7 @@ class RequestFacts:
         "host",
         "method",
         "path",
+        "peer",
         "principal",
         "protocol",
         "query",
@@ -50,6 +51,7 @@ class RequestFacts:
         service: str,
         route: str,
         principal: Mapping[str, Any] | None,
+        peer: str = "",
     ) -> None:
         self.method = method
         self.path = path  # normalized, still percent-encoded where it must be
@@ -64,6 +66,7 @@ class RequestFacts:
         self.service = service
         self.route = route
         self.principal = principal
+        self.peer = peer  # the verified mesh identity of the caller ("" when none)
 
 
 def build_input(facts: RequestFacts) -> dict[str, Any]:
@@ -73,9 +76,14 @@ def build_input(facts: RequestFacts) -> dict[str, Any]:
         # Repeated headers are joined with "," as Envoy does; policies see one string per name.
         headers[key] = f"{headers[key]},{value}" if key in headers else value
     path = f"{facts.path}?{facts.query}" if facts.query else facts.path
+    source = _address(facts.source)
+    if facts.peer:
+        # As opa-envoy-plugin gives it: Envoy's peer principal (the certificate's URI SAN), a string, and absent
+        # (protobuf's JSON leaves empty fields out) when the caller proved no identity.
+        source["principal"] = facts.peer
     return {
         "attributes": {
-            "source": _address(facts.source),
+            "source": source,
             "destination": _address(facts.destination),
             "request": {
                 "http": {

@@ -319,6 +319,14 @@ class ConfigServiceMetrics:
         self.watchers = Gauge(
             "meshgate_configservice_watchers", "Long-polls parked right now (configs and instance lists).", registry=r
         )
+        self.certificates_issued = Labelled(
+            Counter(
+                "meshgate_configservice_certificates_issued_total",
+                "Mesh certificates signed by the config service's CA, by the service they identify.",
+                ["service"],
+                registry=r,
+            )
+        )
         # Not cached through Labelled: a bundle's old revision series is removed when a new one is stored.
         self.bundle_info = Gauge(
             "meshgate_configservice_bundle_info",

@@ -1,10 +1,12 @@
-"""A small fake config service (config and bundle API for one service) speaking the documented protocol: ETag,
-``If-None-Match`` -> 304, ``?wait=`` long-poll, bearer token. For tests of the gateway side written while the real
-service is built; it records the report headers of every poll."""
+"""A small fake config service (config and bundle API for one service) speaking the documented protocol: ETag
+``"N-<12 hex of the content hash>"`` (the plain ``"N"`` accepted too), ``If-None-Match`` -> 304, ``?wait=``
+long-poll, bearer token. For tests of the gateway side written while the real service is built; it records the
+report headers of every poll."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ class FakeService:
     """The config service's config and bundle API, for one service, with the knobs the tests turn."""
 
     port: int
+    service: str = SERVICE
     versions: list[dict[str, Any]] = field(default_factory=list)
     bundles: dict[str, bytes] = field(default_factory=dict)
     polls: list[dict[str, str]] = field(default_factory=list)  # the headers of every config GET
@@ -44,6 +47,17 @@ class FakeService:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def etag(self, version: int) -> str:
+        """The ETag of ``version`` as the real service makes it (content hash: see ``configs.config_etag``)."""
+        text = json.dumps(self.versions[version - 1], sort_keys=True, separators=(",", ":"))
+        return f'"{version}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"'
+
+    def restore(self, versions: list[dict[str, Any]]) -> None:
+        """The store wiped or restored from a backup: numbering starts again, with other content."""
+        self.versions = versions
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def push(self, config: dict[str, Any]) -> int:
         self.versions.append(config)
@@ -72,24 +86,26 @@ class FakeService:
     async def _config(self, request: web.Request) -> web.StreamResponse:
         self.polls.append(dict(request.headers))
         self._auth(request)
-        assert request.match_info["service"] == SERVICE
+        assert request.match_info["service"] == self.service
         seen = None if self.ignore_if_none_match else request.headers.get("If-None-Match")
         wait = request.query.get("wait")
         newest = len(self.versions)
-        if seen is not None and seen == f'"{newest}"' and wait:
+        # The current tag, or the plain "N" of older gateways ("0": waiting for a first version).
+        current = seen is not None and seen in {f'"{newest}"', *((self.etag(newest),) if newest else ())}
+        if current and wait:
             # Long-poll: answer the moment a newer version lands, or 304 at the wait's end.
             seconds = float(wait.removesuffix("s").removesuffix("m")) * (60 if wait.endswith("m") else 1)
             try:
                 await asyncio.wait_for(self.changed.wait(), seconds)
             except TimeoutError:
-                return web.Response(status=304, headers={"ETag": seen})
+                return web.Response(status=304, headers={"ETag": seen or ""})
             newest = len(self.versions)
-        elif seen is not None and seen == f'"{newest}"':
-            return web.Response(status=304, headers={"ETag": seen})
+        elif current:
+            return web.Response(status=304, headers={"ETag": seen or ""})
         if newest == 0:
             return web.json_response({"error": "not_found"}, status=404)
         body = {"version": newest, "config": self.versions[newest - 1], "hash": "x", "author": "ops"}
-        return web.json_response(body, headers={"ETag": f'"{newest}"'})
+        return web.json_response(body, headers={"ETag": self.etag(newest)})
 
     async def _bundle(self, request: web.Request) -> web.StreamResponse:
         self._auth(request)

@@ -6,11 +6,15 @@ not merged into it): state of the world, never a patch. Then ``bootstrap + pushe
 as a config file.
 
 Two kinds of paths end up in the compiled snapshot. ``authz.bundle`` in a *pushed* config is the name of a bundle
-stored in the config service (the gateway's disk is not the operator's); it is pointed at
-``cache_dir/bundles/<name>.tar.gz``, where the remote source downloads it. Every other relative path (the
-bootstrap's own bundle, key files, the token file, the cache directory) is relative to the bootstrap file.
+stored in the config service (the gateway's disk is not the operator's). Bundles are kept by content, under
+``cache_dir/<service>/bundles/<name>/<sha256>.tar.gz``: the remote source downloads them, then
+``Compiled.with_bundles`` points the snapshot at the exact files. A file is never rewritten in place, so a cached
+config always names the bytes it was applied with, and a new bundle is a new snapshot applied like a new version.
+Every other relative path (the bootstrap's own bundle, key files, the token file, the cache directory) is relative
+to the bootstrap file.
 
-``compile_pushed`` and ``merge`` are pure; ``load_config`` and ``read_token`` read files.
+``compile_pushed``, ``Compiled.with_bundles`` and ``merge`` are pure; ``load_config`` and ``read_token`` read
+files.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.compile import compile_document
-from gateway.config.document import load_text
+from gateway.config.document import canonical_hash, load_text
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
 from gateway.config.schema import describe
 from gateway.config.snapshot import ConfigService, Snapshot
+from gateway.config.sources.cache import service_dir
 from gateway.config.sources.file import resolve_paths
 from gateway.config.values import quote
 
@@ -67,11 +72,32 @@ class Bootstrap:
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
-    """``bootstrap + pushed`` compiled: the snapshot (bundle paths already pointing into the cache) and the
-    bundles to download before it is applied, as ``(where, name)`` (``where`` is the problem path if one fails)."""
+    """``bootstrap + pushed`` compiled, with the bundles to download before it is applied, as ``(where, name)``
+    (``where`` is the problem path if one fails). ``snapshot`` still names those bundles: apply
+    ``with_bundles(...)``, which points them at the downloaded files."""
 
     snapshot: Snapshot
     bundles: tuple[tuple[str, str], ...]
+    directory: Path  # the service's cache directory: bundles are under it
+
+    def with_bundles(self, digests: Mapping[str, str]) -> Snapshot:
+        """The snapshot to apply: each pushed bundle pointed at ``bundle_file(directory, name, digests[name])``
+        (``KeyError`` if one is missing). Its hash covers those files too: the same config with a new bundle is a
+        new snapshot (a real apply, so a bundle that does not load is refused), not a no-op."""
+        if not self.bundles:
+            return self.snapshot
+        authz = self.snapshot.authz
+        assert authz is not None  # bundles are only listed for a pushed authz section
+        files = {where: str(bundle_file(self.directory, name, digests[name])) for where, name in self.bundles}
+        primary, shadow = authz.primary, authz.shadow
+        if "authz.bundle" in files:
+            primary = dataclasses.replace(primary, bundle=files["authz.bundle"])
+        if shadow is not None and "authz.shadow.bundle" in files:
+            shadow = dataclasses.replace(shadow, bundle=files["authz.shadow.bundle"])
+        digest = canonical_hash({"config": self.snapshot.hash, "bundles": files})
+        return dataclasses.replace(
+            self.snapshot, authz=dataclasses.replace(authz, primary=primary, shadow=shadow), hash=digest
+        )
 
 
 def load_config(path: Path) -> Snapshot | Bootstrap:
@@ -125,10 +151,14 @@ def compile_pushed(bootstrap: Bootstrap, pushed: object) -> Compiled:
     snapshot = compile_document(merge(bootstrap.document, pushed))
     bundles: tuple[tuple[str, str], ...] = ()
     if isinstance(pushed, Mapping) and "authz" in pushed:
-        snapshot, bundles = _point_bundles(snapshot, Path(bootstrap.settings.cache_dir))
-    # Paths from the bootstrap (and a pushed key file) are relative to the bootstrap file; the bundle paths set
-    # above are absolute already, so this leaves them alone.
-    return Compiled(resolve_paths(snapshot, bootstrap.path.parent), bundles)
+        bundles = _pushed_bundles(snapshot)
+    # Paths from the bootstrap (and a pushed key file) are relative to the bootstrap file; pushed bundle names are
+    # not paths (``with_bundles`` replaces them with absolute ones).
+    resolved = resolve_paths(snapshot, bootstrap.path.parent)
+    if bundles:
+        resolved = dataclasses.replace(resolved, authz=snapshot.authz)
+    directory = service_dir(bootstrap.settings.cache_dir, bootstrap.snapshot.service).absolute()
+    return Compiled(resolved, bundles, directory)
 
 
 def is_bundle_name(name: str) -> bool:
@@ -137,20 +167,20 @@ def is_bundle_name(name: str) -> bool:
     return _BUNDLE_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
-def bundle_file(cache_dir: Path, name: str) -> Path:
-    """Where the bundle ``name`` is kept: the file the embedded engine loads and watches."""
-    return cache_dir / "bundles" / f"{name}.tar.gz"
+def bundle_file(directory: Path, name: str, digest: str) -> Path:
+    """Where the bundle ``name`` with content ``digest`` (sha256 hex) is kept in the service's cache directory:
+    the file the embedded engine loads. Written once, never replaced."""
+    return directory / "bundles" / name / f"{digest}.tar.gz"
 
 
-def _point_bundles(snapshot: Snapshot, cache_dir: Path) -> tuple[Snapshot, tuple[tuple[str, str], ...]]:
-    """The pushed ``authz``'s embedded bundles are names: point them at their files in the cache."""
+def _pushed_bundles(snapshot: Snapshot) -> tuple[tuple[str, str], ...]:
+    """The pushed ``authz``'s embedded bundles, as ``(where, name)``; ``ConfigError`` for a name that is a path."""
     authz = snapshot.authz
     if authz is None:
-        return snapshot, ()
+        return ()
     bundles: list[tuple[str, str]] = []
     problems: list[Problem] = []
     engines = {"authz": authz.primary, "authz.shadow": authz.shadow}
-    replaced = {}
     for where, engine in engines.items():
         if engine is None or engine.engine != "embedded" or engine.bundle is None:
             continue
@@ -159,10 +189,6 @@ def _point_bundles(snapshot: Snapshot, cache_dir: Path) -> tuple[Snapshot, tuple
             problems.append(Problem(f"{where}.bundle", f"invalid bundle name {quote(name)} ({_BUNDLE_HINT})"))
             continue
         bundles.append((f"{where}.bundle", name))
-        replaced[where] = dataclasses.replace(engine, bundle=str(bundle_file(cache_dir.absolute(), name)))
     if problems:
         raise ConfigError(problems)
-    authz = dataclasses.replace(
-        authz, primary=replaced.get("authz", authz.primary), shadow=replaced.get("authz.shadow", authz.shadow)
-    )
-    return dataclasses.replace(snapshot, authz=authz), tuple(bundles)
+    return tuple(bundles)

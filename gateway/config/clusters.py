@@ -5,7 +5,8 @@ config service's instance registry. The registry needs the config service's addr
 top-level ``config_service`` section gives: the caller says whether that section is there (``registry_available``).
 Endpoint addresses are parsed once, here. The resilience settings (``circuit_breaker``, ``outlier_detection``,
 ``health_check``, ``retry_budget``) are checked for consistency (a maximum below its base, a check timeout above its
-interval) so the runtime can trust them. A cluster's ``tls`` (TLS to its upstreams) is compiled by ``tls.py``.
+interval) so the runtime can trust them. A cluster's ``tls`` (TLS to its upstreams) is compiled by ``tls.py``, its
+``mesh_identity`` (mesh mTLS to another meshgate) by ``mesh.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.config.mesh import mesh_identity
 from gateway.config.schema import (
     NAME,
     NAME_HINT,
@@ -62,8 +64,8 @@ CLUSTER_KEYS = (
     "health_check",
     "retry_budget",
     "tls",
+    "mesh_identity",
 )
-CLUSTER_UNSUPPORTED = ("mesh_identity",)
 ENDPOINT_KEYS = ("address", "weight")
 DISCOVERY_KEYS = ("dns", "refresh", "registry")
 BREAKER_KEYS = ("max_requests", "max_pending", "consecutive_failures", "open_for", "max_open_for")
@@ -114,20 +116,25 @@ class ClusterSection:
     names: list[str] | None = None
 
 
-def compile_clusters(value: object, problems: Problems, *, registry_available: bool = False) -> ClusterSection:
+def compile_clusters(
+    value: object, problems: Problems, *, registry_available: bool = False, trust_domain: str | None = None
+) -> ClusterSection:
     """Compile the ``clusters`` list. ``registry_available``: the config has a ``config_service`` section, so
-    ``discovery: {registry: ...}`` has a config service to ask (without one it is a problem, not a silent no-op)."""
+    ``discovery: {registry: ...}`` has a config service to ask (without one it is a problem, not a silent no-op).
+    ``trust_domain``: the ``mesh`` section's, for ``mesh_identity`` (see ``mesh.mesh_identity``)."""
     entries = items(value, "clusters", problems, empty="must have at least one cluster")
     section = ClusterSection(names=[] if isinstance(value, list) else None)
     seen: dict[str, str] = {}
     for path, item in entries:
-        fields = Fields.of(item, path, problems, CLUSTER_KEYS, CLUSTER_UNSUPPORTED, _MOVED)
+        fields = Fields.of(item, path, problems, CLUSTER_KEYS, (), _MOVED)
         if fields is not None:
-            _declare(fields, section, seen, registry_available)
+            _declare(fields, section, seen, registry_available, trust_domain)
     return section
 
 
-def _declare(fields: Fields, section: ClusterSection, seen: dict[str, str], registry_available: bool) -> None:
+def _declare(
+    fields: Fields, section: ClusterSection, seen: dict[str, str], registry_available: bool, trust_domain: str | None
+) -> None:
     raw_name = fields.raw.get("name")
     if isinstance(raw_name, str) and section.names is not None:
         # Even an invalid name counts as declared: a route using it should not get a second, "unknown" problem.
@@ -135,12 +142,12 @@ def _declare(fields: Fields, section: ClusterSection, seen: dict[str, str], regi
     name = fields.required("name", _cluster_name)
     if name is not None:
         first_use(name, fields.at("name"), fields.path, seen, fields.problems, "cluster name")
-    cluster = _cluster(fields, name, registry_available)
+    cluster = _cluster(fields, name, registry_available, trust_domain)
     if cluster is not None and cluster.name not in section.clusters:
         section.clusters[cluster.name] = cluster
 
 
-def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Cluster | None:
+def _cluster(fields: Fields, name: str | None, registry_available: bool, trust_domain: str | None) -> Cluster | None:
     source = fields.exactly_one(("endpoints", "discovery"))
     endpoints = _endpoints(fields) if source == "endpoints" else ()
     dns, registry = _discovery(fields, registry_available) if source == "discovery" else (None, None)
@@ -153,6 +160,7 @@ def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Clus
     health_check = _health_check(fields)
     retry_budget = _retry_budget(fields)
     tls = compile_upstream_tls(fields)
+    identity = mesh_identity(fields, trust_domain)
     if name is None or (not endpoints and dns is None and registry is None):
         return None  # already reported; the compiler raises before any Cluster is used
     return Cluster(
@@ -169,6 +177,7 @@ def _cluster(fields: Fields, name: str | None, registry_available: bool) -> Clus
         retry_budget=retry_budget,
         registry=registry,
         tls=tls,
+        mesh_identity=identity,
     )
 
 

@@ -16,6 +16,7 @@ from gateway.config.clusters import ClusterSection, compile_clusters
 from gateway.config.config_service import compile_config_service
 from gateway.config.document import canonical_hash, load_text, redact
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
+from gateway.config.mesh import compile_mesh
 from gateway.config.policy import compile_policy
 from gateway.config.routes import compile_routes
 from gateway.config.schema import (
@@ -51,9 +52,10 @@ TOP_KEYS = (
     "authz",
     "config_service",
     "tls",
+    "mesh",
 )
-# Never ignored silently: a gateway that dropped, say, its mesh section would serve plain text where mTLS was asked.
-TOP_UNSUPPORTED = ("mesh",)
+# Never ignored silently: a key this build does not implement is refused, not dropped.
+TOP_UNSUPPORTED: tuple[str, ...] = ()
 LIMIT_KEYS = ("max_request_line", "max_header_size", "max_headers", "max_body_size", "drain_timeout", "escaped_slashes")
 RATE_LIMIT_SERVICE_KEYS = ("redis", "timeout", "prefix")
 
@@ -94,10 +96,13 @@ def compile_document(document: object, *, partial: bool = False) -> Snapshot:
     listen, admin = _listeners(fields)
     tls = compile_listener_tls(fields)
     config_service = compile_config_service(fields)
+    mesh = compile_mesh(fields)
     # Clusters are compiled first (routes refer to them) but their problems are listed after the routes', in the
     # order the sections usually appear in a file.
     cluster_problems = Problems()
-    section = _clusters(fields, cluster_problems, partial)
+    # `mesh_identity` is checked against the mesh's trust domain ("" when the section has problems of its own).
+    trust_domain = mesh.trust_domain if mesh is not None else "" if fields.has("mesh") else None
+    section = _clusters(fields, cluster_problems, partial, trust_domain)
     policy = compile_policy(fields)
     routes = _routes(fields, section.names if section is not None else None, partial)
     problems.extend(cluster_problems)
@@ -123,18 +128,21 @@ def compile_document(document: object, *, partial: bool = False) -> Snapshot:
         authz=policy.authz,
         config_service=config_service,
         tls=tls,
+        mesh=mesh,
         hash=canonical_hash(document),
         document=redact(document),
     )
 
 
-def _clusters(top: Fields, problems: Problems, partial: bool) -> ClusterSection | None:
+def _clusters(top: Fields, problems: Problems, partial: bool, trust_domain: str | None) -> ClusterSection | None:
     if not top.has("clusters"):
         if not partial:
             problems.add("clusters", "required")
         return None
     # Registry discovery asks the config service, so it needs the section that says where that is.
-    return compile_clusters(top.raw["clusters"], problems, registry_available=top.has("config_service"))
+    return compile_clusters(
+        top.raw["clusters"], problems, registry_available=top.has("config_service"), trust_domain=trust_domain
+    )
 
 
 def _routes(top: Fields, cluster_names: Collection[str] | None, partial: bool) -> list[Route]:

@@ -66,8 +66,10 @@ CACHE_KEY_NAMES: dict[str, InputPath] = {
     "path": (*_HTTP, "path"),  # with the query string, as in the input
     "host": (*_HTTP, "host"),
     "source": ("attributes", "source"),
+    "peer": ("attributes", "source", "principal"),  # the caller's verified mesh identity
 }
-DEFAULT_CACHE_KEY = ("principal", "method", "route", "path")
+# The mesh peer is in it: a remote policy may judge by the caller's identity, which no other part of the key shows.
+DEFAULT_CACHE_KEY = ("principal", "peer", "method", "route", "path")
 # What an `engine: opa` decision path keys on when `key` is not configured: OPA's policy is out of sight.
 OPA_DEFAULT_CACHE_KEY: tuple[InputPath, ...] = tuple(CACHE_KEY_NAMES[name] for name in DEFAULT_CACHE_KEY)
 

@@ -42,6 +42,9 @@ __all__ = [
     "Limits",
     "LogLevel",
     "LogSettings",
+    "MeshMode",
+    "MeshSettings",
+    "MESH_MODES",
     "LbPolicy",
     "ListenerTls",
     "Rewrite",
@@ -294,6 +297,9 @@ class Cluster:
     # Last, not next to `dns`: Cluster is built positionally in places, and a new field must not shift the others.
     registry: RegistryDiscovery | None = None
     tls: UpstreamTls | None = None  # None: plain HTTP to the endpoints
+    # Another meshgate's mesh identity (``spiffe://<trust domain>/service/<name>``): the endpoints are called over
+    # mesh mTLS (the gateway's mesh certificate as client certificate, the mesh CAs as trust) and must present it.
+    mesh_identity: str | None = None
 
 
 TlsVersion = Literal["1.2", "1.3"]
@@ -311,6 +317,21 @@ class ListenerTls:
     key_file: str
     min_version: TlsVersion = "1.2"
     client_ca_file: str | None = None
+
+
+MeshMode = Literal["strict", "permissive", "disabled"]
+MESH_MODES: tuple[MeshMode, ...] = ("strict", "permissive", "disabled")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    """The top-level ``mesh`` section (bootstrap-only, restart-only): the gateway gets a mesh certificate from its
+    config service, and its listener takes mesh mTLS in ``mtls`` mode, like Istio's PeerAuthentication:
+    ``strict`` (mTLS required), ``permissive`` (mTLS or plain HTTP on the same port), ``disabled`` (plain HTTP; the
+    certificate still serves the clusters with ``mesh_identity``)."""
+
+    mtls: MeshMode = "strict"
+    trust_domain: str = "meshgate.local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +395,7 @@ class Snapshot:
     authz: AuthzSettings | None = None  # None: no policy decision is made
     config_service: ConfigService | None = None  # None: everything comes from this file
     tls: ListenerTls | None = None  # None: plain HTTP on the listener
+    mesh: MeshSettings | None = None  # None: no mesh certificate, no mesh mTLS
     # Provenance, for /config and the reload log.
     version: int = 0
     source: str = ""

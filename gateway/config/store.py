@@ -37,6 +37,8 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Snapshot], object]], ...] = (
     ("tls", lambda s: s.tls is not None),
     # OpenSSL copies "ask for a client certificate" into each connection from the bound context: not switchable.
     ("tls.client_ca_file", lambda s: s.tls is not None and s.tls.client_ca_file is not None),
+    # The listener is bound in the mesh's mode (strict, permissive, disabled); a bootstrap-only key besides.
+    ("mesh", lambda s: s.mesh),
 )
 
 

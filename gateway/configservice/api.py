@@ -5,7 +5,8 @@ shape, and where anything unexpected becomes a 500 logged with its traceback and
 counts each call (``meshgate_configservice_requests_total{route,code}``, the route being the URL template) and
 writes one ``request`` log line per call (with the caller's token *name*, never the token).
 
-Handlers live by concept: ``configs.py``, ``bundles.py``, ``registry.py`` (instances), ``gateways.py`` (status).
+Handlers live by concept: ``configs.py``, ``bundles.py``, ``registry.py`` (instances), ``gateways.py`` (status),
+``certificates.py`` (the mesh CA).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from gateway.configservice.bundles import BUNDLE_LIMIT, add_bundle_routes
+from gateway.configservice.ca import MeshCA
+from gateway.configservice.certificates import add_certificate_routes
 from gateway.configservice.configs import add_config_routes
 from gateway.configservice.gateways import add_gateway_routes
 from gateway.configservice.http import CALLER, STATE, ApiError, ApiState, json_response
@@ -41,8 +44,9 @@ _QUIET: Final = frozenset({"/healthz", "/metrics"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(state: ApiState) -> web.Application:
-    """The API over ``state``'s store and tokens. The caller runs it (``server.py``) and closes the store."""
+def build_app(state: ApiState, ca: MeshCA | None = None) -> web.Application:
+    """The API over ``state``'s store and tokens, and ``ca`` (without one, ``/v1/ca`` and ``/v1/certificates`` are
+    not served). The caller runs it (``server.py``) and closes the store."""
     # Bodies are read and bounded by each handler (read_body), so aiohttp's own limit only has to let the largest
     # (a bundle) through.
     app = web.Application(middlewares=[_middleware], client_max_size=BUNDLE_LIMIT + 1)
@@ -53,6 +57,8 @@ def build_app(state: ApiState) -> web.Application:
     add_bundle_routes(app)
     add_registry_routes(app)
     add_gateway_routes(app)
+    if ca is not None:
+        add_certificate_routes(app, ca)
 
     async def stop_polls(_: web.Application) -> None:
         state.stop_polls()  # on_shutdown runs before aiohttp waits for handlers: parked polls answer 304 now

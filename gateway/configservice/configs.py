@@ -2,8 +2,9 @@
 
 A push is checked as a gateway would compile it (``validate.py``) and stored only when it passes: 422 lists every
 problem and nothing is stored. Content equal to the latest version is not a new version (200 ``unchanged``), so a
-deploy pipeline may push on every run. Reads carry ``ETag: "N"``; with ``If-None-Match`` and ``?wait=`` a read
-long-polls until the service's version differs from the one named (state of the world, never deltas).
+deploy pipeline may push on every run. Reads carry ``ETag: "N-<first 12 hex of the content hash>"``
+(``config_etag``); with ``If-None-Match`` and ``?wait=`` a read long-polls until a version newer than N lands (state
+of the world, never deltas). The plain ``"N"`` of earlier gateways is still accepted.
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ from gateway.configservice.http import (
 from gateway.configservice.store import ConfigVersion
 from gateway.configservice.validate import check_config, check_config_bundles
 
-__all__ = ["CONFIG_LIMIT", "add_config_routes"]
+__all__ = ["CONFIG_LIMIT", "add_config_routes", "config_etag"]
 
 CONFIG_LIMIT: Final = 4 * 1024 * 1024  # far above any real config; a config is compiled, and held, whole
 
 log = structlog.get_logger("meshgate.configservice")
+
+
+def config_etag(version: int, digest: str) -> str:
+    """``"N-<first 12 hex of the content hash>"``. The number alone is not enough: a store wiped or restored from
+    an old backup numbers its versions again, and a gateway that holds N from before would be told 304 (nothing new)
+    about other content under the same number, forever."""
+    return etag(f"{version}-{digest[:12]}")
 
 
 def add_config_routes(app: web.Application) -> None:
@@ -118,7 +126,7 @@ async def _store(
     body: dict[str, Any] = {"version": info.version}
     if rollback_of is not None:
         body["rollback_of"] = rollback_of
-    return json_response(body, status=201, headers={"ETag": etag(info.version)})
+    return json_response(body, status=201, headers={"ETag": config_etag(info.version, info.hash)})
 
 
 def _rejected(state: ApiState, service: str, author: str, problems: list[Problem]) -> web.Response:
@@ -135,12 +143,15 @@ async def get_config(request: web.Request) -> web.StreamResponse:
     wait = wait_seconds(request)
     await record_poll(request, state, service)
     current = await state.store.latest(service)
-    tag = etag(current.info.version) if current is not None else None
+    tag = config_etag(current.info.version, current.info.hash) if current is not None else None
     has = request.headers.get("If-None-Match") is not None
-    if current is not None and not matches(request, tag):
+    # The plain "N" (gateways before the hashed ETag) still names version N: such a gateway keeps working, without
+    # the protection against a restored store.
+    if current is not None and not (matches(request, tag) or matches(request, etag(current.info.version))):
         return _config_response(state, service, current)
     if has and wait:
-        # The caller has the latest (or waits for a first version): park until another one lands.
+        # The caller has the latest (or waits for a first version): park until a newer number lands. Any other tag
+        # (older, newer, or N with other content) was answered at once above.
         than = current.info.version if current is not None else 0
         newer = await long_poll(state, lambda: state.store.wait_newer(service, than, wait))
         if newer is not None:
@@ -152,10 +163,11 @@ async def get_config(request: web.Request) -> web.StreamResponse:
 
 
 def _config_response(state: ApiState, service: str, version: ConfigVersion) -> web.Response:
-    state.metrics.latest_version.labels(service).set(version.info.version)
+    info = version.info
+    state.metrics.latest_version.labels(service).set(info.version)
+    tag = config_etag(info.version, info.hash)
     cached = state.bodies.get(service)
-    if cached is None or cached[0] != version.info.version:
-        info = version.info
+    if cached is None or cached[1] != tag:
         body = encode(
             {
                 "version": info.version,
@@ -166,11 +178,11 @@ def _config_response(state: ApiState, service: str, version: ConfigVersion) -> w
                 "rollback_of": info.rollback_of,
             }
         )
-        cached = (info.version, body)
-        if state.bodies.get(service, (0, b""))[0] < info.version:
-            state.bodies[service] = cached
-    headers = {"ETag": etag(version.info.version), "Cache-Control": "no-cache"}
-    return web.Response(body=cached[1], headers=headers, content_type="application/json")
+        if cached is None or cached[0] <= info.version:  # an older version answered late never replaces it
+            state.bodies[service] = (info.version, tag, body)
+        cached = (info.version, tag, body)
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    return web.Response(body=cached[2], headers=headers, content_type="application/json")
 
 
 async def get_versions(request: web.Request) -> web.Response:

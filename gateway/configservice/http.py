@@ -80,8 +80,9 @@ class ApiState:
     # once instead of holding the shutdown for up to MAX_WAIT.
     parked: set[asyncio.Timeout] = field(default_factory=set)
     stopping: bool = False
-    # The encoded GET answer of each service's latest version: a push wakes every watcher with the same bytes.
-    bodies: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    # The encoded GET answer of each service's latest version, as (version, ETag, body): a push wakes every watcher
+    # with the same bytes. Checked by ETag, not number alone: a restored store may reuse a number for other content.
+    bodies: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
 
     def stop_polls(self) -> None:
         self.stopping = True

@@ -265,6 +265,7 @@ def _facts(ctx: RequestContext) -> RequestFacts:
         service=ctx.serving.snapshot.service,
         route=route.name if route is not None else "",
         principal=ctx.principal,
+        peer=ctx.peer_identity,
     )
 
 

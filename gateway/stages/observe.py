@@ -83,6 +83,7 @@ class Observe:
                     "endpoint": ctx.endpoint or None,
                     "attempts": ctx.attempts,
                     "client_address": ctx.client_ip,
+                    "peer_identity": ctx.peer_identity or None,
                     "decision_id": ctx.decision_id or None,
                     "reason": ctx.reason or None,
                     "fallback": ctx.fallback or None,
@@ -120,6 +121,8 @@ class Observe:
             attributes["http.route"] = attributes["meshgate.route"] = ctx.route.name
         if ctx.cluster:
             attributes["meshgate.upstream"] = ctx.cluster
+        if ctx.peer_identity:
+            attributes["meshgate.peer.identity"] = ctx.peer_identity
         if ctx.reason:
             attributes["meshgate.reason"] = ctx.reason
         if ctx.fallback:

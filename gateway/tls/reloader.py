@@ -29,31 +29,43 @@ from gateway.config.errors import ConfigError
 from gateway.config.snapshot import ListenerTls
 from gateway.tls.contexts import certificate_serial, server_context
 
-__all__ = ["ListenerCertificate"]
+__all__ = ["ListenerCertificate", "SwappableContext"]
 
 log = structlog.get_logger("meshgate.tls")
 
 _Identity = tuple[tuple[int, int, int] | None, ...]
 
 
-class ListenerCertificate:
-    """The bound context and the certificate it currently serves. Built with the settings the process starts with;
-    ``ConfigError`` if their files do not load (the gateway then refuses to start)."""
+class SwappableContext:
+    """A bound listener context whose certificate (and trust store) new handshakes take from ``install``'s newest
+    context. Also the mesh listener's (``gateway/mesh/``), whose certificates come from memory, not files."""
 
-    def __init__(self, settings: ListenerTls, interval: float = 1.0) -> None:
-        self._settings = settings
-        self._interval = interval
-        self.context = server_context(settings)
-        self._current = self.context
-        self.context.sni_callback = self._select
-        self._identity = self._stat()
-        self._task: asyncio.Task[None] | None = None
-        self.serial = certificate_serial(settings.cert_file)
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self._current = context
+        context.sni_callback = self._select
+
+    def install(self, fresh: ssl.SSLContext) -> None:
+        """New handshakes use ``fresh`` (complete: certificate, key, CAs); established connections keep theirs."""
+        self._current = fresh
 
     def _select(self, connection: ssl.SSLObject, _server_name: str | None, _bound: ssl.SSLContext) -> None:
         current = self._current
         if current is not self.context:
             connection.context = current  # this handshake (and only it) continues with the newest certificate
+
+
+class ListenerCertificate(SwappableContext):
+    """The bound context and the certificate it currently serves. Built with the settings the process starts with;
+    ``ConfigError`` if their files do not load (the gateway then refuses to start)."""
+
+    def __init__(self, settings: ListenerTls, interval: float = 1.0) -> None:
+        super().__init__(server_context(settings))
+        self._settings = settings
+        self._interval = interval
+        self._identity = self._stat()
+        self._task: asyncio.Task[None] | None = None
+        self.serial = certificate_serial(settings.cert_file)
 
     def configure(self, settings: ListenerTls) -> None:
         """A config was applied: new file paths (or a new ``min_version``) take effect for new handshakes."""
@@ -77,7 +89,7 @@ class ListenerCertificate:
                 serving_serial=self.serial,
             )
             return False
-        self._current = fresh
+        self.install(fresh)
         self.serial = certificate_serial(self._settings.cert_file)
         log.info("tls_certificate_reloaded", trigger=trigger, cert_file=self._settings.cert_file, serial=self.serial)
         return True

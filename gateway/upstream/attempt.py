@@ -17,6 +17,8 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.mesh.connector import MeshIdentityMismatch
+
 __all__ = ["FailureKind", "send"]
 
 log = structlog.get_logger("meshgate.upstream")
@@ -52,7 +54,16 @@ async def send(
                 method, url, headers=headers, data=data, allow_redirects=False, server_hostname=server_hostname
             )
     except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's connect timeout is both
-        if isinstance(exc, aiohttp.ClientSSLError):
+        if isinstance(exc, MeshIdentityMismatch):
+            # The chain verified, but the peer is another service: a mis-pointed endpoint, or an impostor.
+            log.warning(
+                "upstream_identity_mismatch",
+                upstream=upstream,
+                endpoint=f"{url.host}:{url.port}",
+                expected=exc.expected,
+                presented=exc.presented,
+            )
+        elif isinstance(exc, aiohttp.ClientSSLError):
             # The client only sees "connect-failure"; the operator needs to know it was the handshake, and why
             # (unknown CA, name mismatch, no client certificate ...), or a wrong CA looks like a dead upstream.
             log.warning(

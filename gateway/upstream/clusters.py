@@ -24,6 +24,8 @@ import aiohttp
 import structlog
 
 from gateway.config.snapshot import Address, Cluster, EndpointSpec
+from gateway.mesh.connector import MeshConnector
+from gateway.mesh.runtime import Mesh
 from gateway.resilience.breaker import STATE_VALUES, Admission
 from gateway.resilience.retry import RetryBudget
 from gateway.tls.contexts import ClientTls
@@ -48,15 +50,26 @@ _REGISTRY_READY_TIMEOUT = 5.0
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def _new_session(spec: Cluster, tls: ClientTls | None) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=spec.max_connections,
+def _connector(spec: Cluster, tls: ClientTls | None, mesh: Mesh | None, limit: int) -> aiohttp.TCPConnector:
+    if spec.mesh_identity is not None:
+        if mesh is None:
+            raise ValueError(f"cluster {spec.name!r} has a mesh_identity but the gateway has no mesh certificate")
+        # Each new connection takes the mesh's newest client context, and checks the peer's identity.
+        return MeshConnector(
+            mesh, spec.mesh_identity, limit=limit, limit_per_host=0, ttl_dns_cache=None, enable_cleanup_closed=False
+        )
+    return aiohttp.TCPConnector(
+        limit=limit,
         limit_per_host=0,
         ttl_dns_cache=None,  # endpoints are IP literals or resolved by DnsResolver, never per request
         enable_cleanup_closed=False,
         # The cluster's own context (its CA, client certificate, hardened defaults); plain clusters never use TLS.
         ssl=tls.context if tls is not None else False,
     )
+
+
+def _new_session(spec: Cluster, tls: ClientTls | None, mesh: Mesh | None) -> aiohttp.ClientSession:
+    connector = _connector(spec, tls, mesh, spec.max_connections)
     session = aiohttp.ClientSession(
         connector=connector,
         # total=None: the gateway bounds attempts itself (route deadline); bodies may stream for a long time.
@@ -83,6 +96,7 @@ class ClusterRuntime:
         metrics: Metrics,
         registry: InstanceSource | None = None,
         tls: ClientTls | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -93,11 +107,13 @@ class ClusterRuntime:
         if spec.tls is not None and tls is None:
             raise ValueError(f"cluster {spec.name!r} has tls settings but no TLS context was built for it")
         self.tls = tls
+        self._mesh = mesh
         # What every attempt, WebSocket and health check to this cluster uses: https with the configured SNI name
-        # (None: the endpoint's address, checked against the certificate's IP SANs).
-        self.scheme = "https" if tls is not None else "http"
+        # (None: the endpoint's address, checked against the certificate's IP SANs). A mesh cluster's endpoints
+        # are checked by identity instead (mesh/connector.py).
+        self.scheme = "https" if tls is not None or spec.mesh_identity is not None else "http"
         self.server_hostname = spec.tls.server_name if spec.tls is not None else None
-        self.session = _new_session(spec, tls)
+        self.session = _new_session(spec, tls, mesh)
         self.admission = Admission(spec.circuit_breaker)
         self.budget = _budget(spec)
         self.outlier = OutlierDetector(spec.outlier_detection) if spec.outlier_detection else None
@@ -165,7 +181,7 @@ class ClusterRuntime:
         # Probes get their own small pool: behind a saturated data-plane pool they would time out and mark live
         # endpoints unhealthy exactly when it hurts most.
         self._health_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=16, ssl=self.tls.context if self.tls is not None else False),
+            connector=_connector(self.spec, self.tls, self._mesh, 16),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._health = HealthChecker(
@@ -278,6 +294,8 @@ class ClusterRuntime:
         the pool's connections were made with the old ones."""
         if (spec.connect_timeout, spec.max_connections) != (self.spec.connect_timeout, self.spec.max_connections):
             return True
+        if spec.mesh_identity != self.spec.mesh_identity:
+            return True  # the pool's connections were checked against the old identity (or were not mesh at all)
         fingerprint = tls.fingerprint if tls is not None else None
         return fingerprint != (self.tls.fingerprint if self.tls is not None else None)
 
@@ -329,9 +347,15 @@ class Upstreams:
     """
 
     def __init__(
-        self, rng: random.Random, grace: float, metrics: Metrics, registry: InstanceSource | None = None
+        self,
+        rng: random.Random,
+        grace: float,
+        metrics: Metrics,
+        registry: InstanceSource | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         self._rng = rng
+        self._mesh = mesh  # the mesh certificate's handle, for clusters with mesh_identity
         self._metrics = metrics
         self._registry = registry
         self._grace = grace  # how long a retired pool stays open for requests still on the old snapshot
@@ -373,10 +397,10 @@ class Upstreams:
             runtime = self._live.get(name)
             context = tls.get(name)
             if runtime is None:
-                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context, self._mesh)
             elif runtime.pool_settings_changed(spec, context):
                 self._retire(runtime)
-                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context)
+                runtime = ClusterRuntime(spec, self._rng, self._metrics, self._registry, context, self._mesh)
             elif runtime.spec != spec:
                 await runtime.update(spec)
             fresh[name] = runtime

@@ -9,6 +9,9 @@ Three parts, mirroring DNS discovery (``discovery.py``):
   section): ``watch(service)`` long-polls the list (``If-None-Match`` + ``?wait=``) and yields the address set on
   every answer. A registry that cannot be reached, refuses the token, or answers garbage yields nothing: the last
   known list stays in force (a control-plane blink must not drop a fleet), and polls back off with full jitter.
+  With a ``cache_dir`` (the gateway's ``cache_dir/<service>``), every changed list is written to
+  ``instances/<registry service>.json``, and a watch whose first poll fails yields that cached list once: a gateway
+  restarted while the control plane is down routes to the last known instances instead of answering 503.
 - ``RegistryWatcher`` (one per cluster): consumes ``watch`` in a background task and calls ``on_change`` when the
   set differs from the last one reported, exactly as ``DnsResolver`` does, so ``ClusterRuntime`` reconciles both
   the same way. Unlike DNS, an *answered* empty list is reported: the registry saying "no instances" is the truth
@@ -24,6 +27,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -31,6 +35,7 @@ import structlog
 
 from gateway.config.errors import ConfigError
 from gateway.config.snapshot import Address, RegistryDiscovery
+from gateway.config.sources.cache import CacheError, read_instances, write_instances
 from gateway.config.values import format_duration, parse_address
 from gateway.resilience.backoff import full_jitter
 
@@ -111,7 +116,8 @@ class RegistryClient:
     function returning it (the app reads ``config_service.token_file`` on every poll, as the config poller does, so a
     rotated token is used at once; a ``ConfigError`` from it counts as a failed poll). One long-poll connection is
     held per watched cluster, so the own session's pool is unbounded (a cap would starve watches beyond it); a
-    passed-in ``session`` should allow as many connections.
+    passed-in ``session`` should allow as many connections. ``cache_dir``: where the last list of each watched
+    service is kept (``None``: nowhere, and nothing to start from when the registry is unreachable).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class RegistryClient:
         backoff_cap: float = 30.0,
         min_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        cache_dir: Path | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._token = token
@@ -141,6 +148,8 @@ class RegistryClient:
         self._clock = clock
         # The whole long-poll, plus slack for a slow answer; beyond it the connection is presumed dead.
         self._timeout = aiohttp.ClientTimeout(total=wait + 10.0, sock_connect=5.0)
+        self._cache_dir = cache_dir
+        self._written: dict[str, tuple[Address, ...]] = {}  # per service: the list on disk (skip unchanged writes)
 
     def url(self, service: str) -> str:
         return f"{self._base}/v1/services/{urllib.parse.quote(service, safe='')}/instances"
@@ -183,6 +192,7 @@ class RegistryClient:
         """
         etag: str | None = None
         failures = 0
+        answered = False  # by the registry, or by the cache: the cache seeds a watch once, never after an answer
         while True:
             started = self._clock()
             try:
@@ -198,6 +208,11 @@ class RegistryClient:
                     failures=failures,
                     retry_in_s=round(delay, 3),
                 )
+                if not answered:
+                    answered = True
+                    cached = await self._read_cache(service)
+                    if cached is not None:
+                        yield cached
                 await asyncio.sleep(delay)
                 continue
             if failures:
@@ -205,12 +220,44 @@ class RegistryClient:
                 failures = 0
             if answer is not None:
                 etag, listing = answer
+                answered = True
                 if listing.skipped:
                     _log.warning("registry_instances_skipped", service=service, skipped=list(listing.skipped))
+                await self._write_cache(service, listing)
                 yield listing.addresses
             idle = self._min_interval - (self._clock() - started)
             if idle > 0:
                 await asyncio.sleep(idle)
+
+    async def _read_cache(self, service: str) -> tuple[Address, ...] | None:
+        if self._cache_dir is None or not _file_safe(service):
+            return None
+        try:
+            raw = await asyncio.to_thread(read_instances, self._cache_dir, service)
+        except CacheError as exc:
+            _log.error("registry_cache_unusable", service=service, error=str(exc))
+            return None
+        if raw is None:
+            return None
+        found: set[Address] = set()
+        for text in raw:
+            with contextlib.suppress(ValueError):
+                found.add(parse_address(text))
+        addresses = _sorted(found)
+        self._written.setdefault(service, addresses)
+        _log.warning("registry_from_cache", service=service, endpoints=[str(a) for a in addresses])
+        return addresses
+
+    async def _write_cache(self, service: str, listing: InstanceList) -> None:
+        if self._cache_dir is None or not _file_safe(service) or self._written.get(service) == listing.addresses:
+            return
+        texts = [str(address) for address in listing.addresses]
+        try:
+            await asyncio.to_thread(write_instances, self._cache_dir, service, self._base, listing.version, texts)
+        except OSError as exc:  # the watch goes on; only a restart without the registry would miss the list
+            _log.error("registry_cache_write_failed", service=service, path=str(self._cache_dir), error=str(exc))
+            return
+        self._written[service] = listing.addresses
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -224,6 +271,11 @@ class RegistryClient:
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
+
+
+def _file_safe(service: str) -> bool:
+    # The compiler checks registry names as service names; a caller of watch() may pass anything.
+    return service not in ("", ".", "..") and all(ch.isalnum() or ch in "._-" for ch in service)
 
 
 class RegistryWatcher:

@@ -109,12 +109,12 @@ async def test_push_read_unchanged_and_history(service: Service) -> None:
 
     response = await service.client.get("/v1/services/orders/config", headers=GW_AUTH)
     assert response.status == 200
-    assert response.headers["ETag"] == '"1"'
     body = await response.json()
     assert body["version"] == 1
     assert body["config"] == config()
     assert body["author"] == "ops"
     assert len(body["hash"]) == 64
+    assert response.headers["ETag"] == f'"1-{body["hash"][:12]}"'
 
     # The same content again (as YAML this time): no new version.
     response = await put_config(service, "orders", yaml.safe_dump(config()))
@@ -226,12 +226,15 @@ async def test_auth(service: Service) -> None:
 
 
 async def test_long_poll_wakes_on_push_and_304s_at_the_end(service: Service) -> None:
-    assert (await put_config(service, "orders", config())).status == 201
-    headers = {**GW_AUTH, "If-None-Match": '"1"'}
+    created = await put_config(service, "orders", config())
+    assert created.status == 201
+    tag = created.headers["ETag"]
+    assert tag.startswith('"1-')
+    headers = {**GW_AUTH, "If-None-Match": tag}
 
     response = await service.client.get("/v1/services/orders/config", headers=headers)
     assert response.status == 304  # no wait: at once
-    assert response.headers["ETag"] == '"1"'
+    assert response.headers["ETag"] == tag
 
     started = time.monotonic()
     response = await service.client.get("/v1/services/orders/config?wait=200ms", headers=headers)
@@ -254,6 +257,36 @@ async def test_long_poll_wakes_on_push_and_304s_at_the_end(service: Service) -> 
     assert response.status == 200
 
 
+async def test_a_restored_store_numbering_back_to_a_held_version_answers_at_once(
+    service: Service, tmp_path: Path
+) -> None:
+    assert (await put_config(service, "orders", config("r1"))).status == 201
+    held = (await service.client.get("/v1/services/orders/config", headers=GW_AUTH)).headers["ETag"]
+    # The store is wiped (or restored from an old backup) and numbers from 1 again, with other content.
+    original = service.state.store
+    service.state.store = await SqliteStore.open(tmp_path / "restored")
+    try:
+        assert (await put_config(service, "orders", config("r9"))).status == 201
+        started = time.monotonic()
+        headers = {**GW_AUTH, "If-None-Match": held}
+        response = await service.client.get("/v1/services/orders/config?wait=10s", headers=headers)
+        assert time.monotonic() - started < 2  # not parked: the gateway's version 1 is not this version 1
+        assert response.status == 200
+        assert (await response.json())["config"] == config("r9")
+        assert response.headers["ETag"] not in (held, '"1"')
+        assert response.headers["ETag"].startswith('"1-')
+        # A gateway sending the plain "N" (before the hashed ETag) is still understood: 304, and it long-polls.
+        for tag in ('"1"', response.headers["ETag"]):
+            started = time.monotonic()
+            headers = {**GW_AUTH, "If-None-Match": tag}
+            answer = await service.client.get("/v1/services/orders/config?wait=200ms", headers=headers)
+            assert answer.status == 304
+            assert 0.15 < time.monotonic() - started < 2
+    finally:
+        await service.state.store.close()
+        service.state.store = original
+
+
 async def test_long_poll_for_a_first_version(service: Service) -> None:
     headers = {**GW_AUTH, "If-None-Match": '"0"'}
     poll = asyncio.ensure_future(service.client.get("/v1/services/fresh/config?wait=10s", headers=headers))
@@ -261,7 +294,7 @@ async def test_long_poll_for_a_first_version(service: Service) -> None:
     assert (await put_config(service, "fresh", config())).status == 201
     response = await poll
     assert response.status == 200
-    assert response.headers["ETag"] == '"1"'
+    assert response.headers["ETag"].startswith('"1-')
     response = await service.client.get("/v1/services/none/config?wait=100ms", headers=headers)
     assert response.status == 404
 

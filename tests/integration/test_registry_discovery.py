@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from gateway.app import build_pipeline
 from gateway.config.bootstrap import read_token
@@ -32,7 +33,7 @@ from gateway.server import GatewayServer
 from gateway.serving import Serving
 from gateway.stages.ratelimit import RateLimitStage
 from gateway.upstream.clusters import Upstreams
-from gateway.upstream.registry import RegistryClient
+from gateway.upstream.registry import RegistryClient, RegistryWatcher
 from telemetry.access_log import AccessLog
 from telemetry.metrics import Metrics
 from telemetry.tracing import Tracer
@@ -217,6 +218,57 @@ async def test_a_rotated_token_file_is_used_without_a_restart(fake_registry: Run
         pending.cancel()
         await watch.aclose()  # type: ignore[attr-defined]
         await client.close()
+
+
+async def test_a_restart_without_the_registry_starts_from_the_last_cached_list(
+    fake_registry: Running, tmp_path: Path
+) -> None:
+    registry = fake_registry.registry
+    registry.put("a", "127.0.0.1:9001", ttl=60)
+    registry.put("b", "127.0.0.1:9002", ttl=60)
+    cache = tmp_path / "cache" / "orders"  # the gateway's cache_dir/<service>
+    client = RegistryClient(fake_registry.url, TOKEN, wait=1.0, min_interval=0.0, cache_dir=cache)
+    watch = client.watch("payments")
+    try:
+        assert await next_list(watch) == (Address("127.0.0.1", 9001), Address("127.0.0.1", 9002))
+        registry.delete("b")
+        assert await next_list(watch) == (Address("127.0.0.1", 9001),)
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+        await client.close()
+    stored = json.loads((cache / "instances" / "payments.json").read_text())
+    assert (stored["addresses"], stored["version"], stored["url"]) == (["127.0.0.1:9001"], 3, fake_registry.url)
+    assert [p.name for p in (cache / "instances").iterdir()] == ["payments.json"]  # written by rename: no temp left
+
+    # Restarted while the control plane is unreachable: the watcher is seeded from the cache, not left empty.
+    down = RegistryClient(f"http://127.0.0.1:{free_port()}", TOKEN, backoff_base=0.05, backoff_cap=0.1, cache_dir=cache)
+    seen: list[tuple[Address, ...]] = []
+    watcher = RegistryWatcher(RegistryDiscovery("payments"), down, seen.append, restart_base=0.01)
+    try:
+        with capture_logs() as logs:
+            watcher.start()
+            async with asyncio.timeout(2.0):
+                await watcher.answered()
+            await asyncio.sleep(0.3)  # further failed polls change nothing
+        assert seen == [(Address("127.0.0.1", 9001),)]
+        assert any(e["event"] == "registry_from_cache" for e in logs)
+    finally:
+        await watcher.stop()
+        await down.close()
+
+    # With the registry answering, its list is the truth from the first poll; the cache is only a fallback.
+    registry.put("c", "127.0.0.1:9003", ttl=60)
+    again = RegistryClient(fake_registry.url, TOKEN, wait=1.0, min_interval=0.0, cache_dir=cache)
+    watch = again.watch("payments")
+    try:
+        assert await next_list(watch) == (Address("127.0.0.1", 9001), Address("127.0.0.1", 9003))
+    finally:
+        await watch.aclose()  # type: ignore[attr-defined]
+        await again.close()
+    assert json.loads((cache / "instances" / "payments.json").read_text())["addresses"] == [
+        "127.0.0.1:9001",
+        "127.0.0.1:9003",
+    ]
 
 
 # ---- a whole gateway following the registry under load -----------------------------------------------------------

@@ -9,6 +9,7 @@ files in ``cache_dir``, real sockets.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from gateway.config.bootstrap import Bootstrap, load_config
-from gateway.config.sources import remote
+from gateway.config.sources import bundles
 from gateway.config.sources.cache import read_cached
 from gateway.config.sources.remote import RemoteSource
 from gateway.config.store import SnapshotStore
@@ -35,7 +36,7 @@ from telemetry.metrics import Metrics
 from tests.fake_configservice import SERVICE, TOKEN, FakeService, pushed
 from tests.procs import free_port
 
-real_store_bundle = remote._store_bundle
+real_store_bundle = bundles.store_bundle
 
 
 @dataclass
@@ -73,13 +74,15 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[Start]:
     started: list[Gateway] = []
     (tmp_path / "gw.token").write_text(f"  {TOKEN}\n")
 
-    async def start(url: str, *, startup_wait: float = 2.0, **section: Any) -> Gateway:
+    async def start(
+        url: str, *, startup_wait: float = 2.0, service: str = SERVICE, file: str = "gateway.yaml", **section: Any
+    ) -> Gateway:
         document = {
-            "service": SERVICE,
+            "service": service,
             "listen": "127.0.0.1:18080",
             "config_service": {"url": url, "token_file": "gw.token", "bundle_refresh": "100ms", **section},
         }
-        path = tmp_path / "gateway.yaml"
+        path = tmp_path / file
         path.write_text(yaml.safe_dump(document))
         bootstrap = load_config(path)
         assert isinstance(bootstrap, Bootstrap)
@@ -118,6 +121,11 @@ def routes(gateway: Gateway) -> list[str]:
     return [route.name for route in gateway.serving.snapshot.routes]
 
 
+def cache_of(gateway: Gateway) -> Path:
+    """The gateway's own part of cache_dir: ``cache_dir/<service>``."""
+    return Path(gateway.bootstrap.settings.cache_dir) / gateway.bootstrap.snapshot.service
+
+
 # --- start-up -------------------------------------------------------------------------------------------------------
 
 
@@ -129,19 +137,19 @@ async def test_start_up_applies_the_service_version_and_caches_it(service: FakeS
     snap = gw.serving.snapshot
     assert (routes(gw), snap.version, snap.source) == (["a"], 1, f"config_service:{service.url}")
     assert gw.version() == 1
-    cached = read_cached(Path(gw.bootstrap.settings.cache_dir), SERVICE)
+    cached = read_cached(cache_of(gw), SERVICE)
     assert cached is not None
-    assert (cached.version, cached.etag, cached.pushed) == (1, '"1"', pushed("a"))
-    merged = json.loads((Path(gw.bootstrap.settings.cache_dir) / "config.json").read_text())["config"]
+    assert (cached.version, cached.etag, cached.pushed, cached.url) == (1, service.etag(1), pushed("a"), service.url)
+    merged = json.loads((cache_of(gw) / "config.json").read_text())["config"]
     assert merged["service"] == SERVICE
     assert merged["routes"] == pushed("a")["routes"]
-    assert os.stat(Path(gw.bootstrap.settings.cache_dir) / "config.json").st_mode & 0o777 == 0o600
+    assert os.stat(cache_of(gw) / "config.json").st_mode & 0o777 == 0o600
     # The next poll reports the applied version, under the default id <service>-<hostname>-<listen port>.
     await eventually(lambda: len(service.polls) >= 2, what="a long-poll")
     poll = service.polls[-1]
     assert poll["X-Meshgate-Gateway"] == "orders-h-18080"
     assert poll["X-Meshgate-Applied-Version"] == "1"
-    assert poll["If-None-Match"] == '"1"'
+    assert poll["If-None-Match"] == service.etag(1)  # exactly the ETag the service sent
     assert poll["Authorization"] == f"Bearer {TOKEN}"
     assert "X-Meshgate-Rejected-Version" not in poll
 
@@ -177,7 +185,7 @@ async def test_a_version_that_does_not_compile_is_rejected_and_reported(
     assert poll["X-Meshgate-Rejected-Version"] == "2"
     assert poll["X-Meshgate-Rejected-Error"] == 'routes[0].cluster: unknown cluster "nope"'
     assert poll["X-Meshgate-Applied-Version"] == "1"
-    assert poll["If-None-Match"] == '"2"'  # not asked again and again
+    assert poll["If-None-Match"] == service.etag(2)  # not asked again and again
     assert (routes(gw), gw.version()) == (["a"], 1)  # the old version keeps serving
     [event] = [e for e in logs if e["event"] == "config_rejected"]
     assert event["errors"] == [{"path": "routes[0].cluster", "message": 'unknown cluster "nope"'}]
@@ -311,7 +319,7 @@ async def test_an_unexpected_error_while_taking_a_version_does_not_stop_the_poll
             raise failures.pop()
         return real_store_bundle(path, data)
 
-    monkeypatch.setattr(remote, "_store_bundle", store_bundle)
+    monkeypatch.setattr(bundles, "store_bundle", store_bundle)
     with capture_logs() as logs:
         service.push(pushed("a", "b", authz={"bundle": "authz"}))
         # The disk error is logged and the version asked for again, not the poll task's silent end.
@@ -342,28 +350,163 @@ def revision(gw: Gateway) -> str:
     return authz.primary.engine.revision
 
 
+def bundle_path(gw: Gateway, name: str, data: bytes) -> Path:
+    return cache_of(gw) / "bundles" / name / f"{hashlib.sha256(data).hexdigest()}.tar.gz"
+
+
+def serving_bundle(gw: Gateway) -> str | None:
+    assert gw.serving is not None
+    assert gw.serving.snapshot.authz is not None
+    return gw.serving.snapshot.authz.primary.bundle
+
+
 async def test_named_bundles_are_downloaded_before_the_version_and_refreshed(
     service: FakeService, start_gateway: Start, tmp_path: Path
 ) -> None:
-    service.bundles["authz"] = make_bundle(tmp_path, "a", "r1")
+    first = service.bundles["authz"] = make_bundle(tmp_path, "a", "r1")
     service.push(pushed("a", authz={"bundle": "authz"}))
     await service.start()
     gw = await start_gateway(service.url)
     assert gw.serving is not None
-    path = Path(gw.bootstrap.settings.cache_dir) / "bundles" / "authz.tar.gz"
-    assert gw.serving.snapshot.authz is not None
-    assert gw.serving.snapshot.authz.primary.bundle == str(path)
-    assert path.read_bytes() == service.bundles["authz"]
+    # Stored by content, and the snapshot names that exact file.
+    path = bundle_path(gw, "authz", first)
+    assert serving_bundle(gw) == str(path)
+    assert path.read_bytes() == first
     assert revision(gw) == "r1"
+    cached = read_cached(cache_of(gw), SERVICE)
+    assert cached is not None
+    assert cached.bundles == {"authz": hashlib.sha256(first).hexdigest()}
     # Re-fetched with If-None-Match: unchanged bytes are not rewritten.
     inode = path.stat().st_ino
     await eventually(lambda: any(etag for name, etag in service.bundle_gets), what="a conditional bundle GET")
     assert path.stat().st_ino == inode
-    # A new bundle is written atomically (a new file) and the policy runtime's watcher loads it.
-    service.bundles["authz"] = make_bundle(tmp_path, "b", "r2")
-    await eventually(lambda: revision(gw) == "r2", within=5.0, what="the new bundle's revision")
-    assert path.stat().st_ino != inode
+    # A new bundle is a new file, applied as the same version pointing at it; the old file goes after the apply.
+    second = service.bundles["authz"] = make_bundle(tmp_path, "b", "r2")
+    with capture_logs() as logs:
+        await eventually(lambda: revision(gw) == "r2", within=5.0, what="the new bundle's revision")
+        await eventually(lambda: not path.exists(), what="the old bundle file removed")
+    assert serving_bundle(gw) == str(bundle_path(gw, "authz", second))
     assert gw.version() == 1  # the config did not change
+    assert gw.serving.snapshot.version == 1
+    assert [e["version"] for e in logs if e["event"] == "bundles_applied"] == [1]
+    assert not any(e["event"] == "policy_reloaded" for e in logs)  # one apply, not the file watcher
+    cached = read_cached(cache_of(gw), SERVICE)
+    assert cached is not None
+    assert cached.bundles == {"authz": hashlib.sha256(second).hexdigest()}
+
+
+async def test_a_refreshed_bundle_that_does_not_load_is_rejected_and_a_restart_keeps_the_good_one(
+    service: FakeService, start_gateway: Start, tmp_path: Path
+) -> None:
+    good = service.bundles["authz"] = make_bundle(tmp_path, "a", "r1")
+    service.push(pushed("a", authz={"bundle": "authz"}))
+    await service.start()
+    gw = await start_gateway(service.url)
+    assert revision(gw) == "r1"
+    service.bundles["authz"] = b"not a tarball"
+    await eventually(lambda: gw.rejected() == 1, what="the bad bundle rejected")
+    # Reported like a bad version: the one serving, with the bundle's problem.
+    await eventually(lambda: "X-Meshgate-Rejected-Version" in service.polls[-1], within=5.0, what="the report")
+    assert service.polls[-1]["X-Meshgate-Rejected-Version"] == "1"
+    assert service.polls[-1]["X-Meshgate-Rejected-Error"].startswith("authz.bundle: ")
+    await asyncio.sleep(0.5)  # refreshed a few times more: not rejected again and again
+    assert gw.rejected() == 1
+    assert (revision(gw), serving_bundle(gw)) == ("r1", str(bundle_path(gw, "authz", good)))
+    assert bundle_path(gw, "authz", good).read_bytes() == good
+    cached = read_cached(cache_of(gw), SERVICE)
+    assert cached is not None
+    assert cached.bundles == {"authz": hashlib.sha256(good).hexdigest()}
+
+    # A restart while the service is away serves the cached version with the bundle it was applied with.
+    await gw.source.stop()
+    await service.stop()
+    again = await start_gateway(service.url, startup_wait=0.3)
+    assert again.serving is not None
+    assert again.serving.snapshot.source.startswith("cache:")
+    assert revision(again) == "r1"
+
+    # A fixed bundle is taken, and the report cleared.
+    await service.start()
+    service.bundles["authz"] = make_bundle(tmp_path, "b", "r3")
+    await eventually(lambda: revision(again) == "r3", within=5.0, what="the fixed bundle")
+    await eventually(
+        lambda: (
+            "X-Meshgate-Rejected-Version" not in service.polls[-1]
+            and service.polls[-1].get("X-Meshgate-Applied-Version") == "1"
+        ),
+        within=5.0,
+        what="a clean report",
+    )
+    # The bad and the old files go once the fixed one is applied and cached.
+    wanted = [f"{hashlib.sha256(service.bundles['authz']).hexdigest()}.tar.gz"]
+    await eventually(
+        lambda: sorted(p.name for p in (cache_of(again) / "bundles" / "authz").iterdir()) == wanted,
+        what="only the fixed bundle's file left",
+    )
+
+
+# --- one cache directory, several services --------------------------------------------------------------------------
+
+
+async def test_sidecars_of_two_services_share_cache_dir_without_overwriting_each_other(
+    service: FakeService, start_gateway: Start
+) -> None:
+    payments = FakeService(free_port(), service="payments")
+    try:
+        service.push(pushed("orders-route"))
+        payments.push(pushed("payments-route"))
+        await service.start()
+        await payments.start()
+        # Both bootstraps in one directory: the same default cache_dir (.meshgate-cache next to them).
+        orders_gw = await start_gateway(service.url)
+        payments_gw = await start_gateway(payments.url, service="payments", file="payments.yaml")
+        assert orders_gw.bootstrap.settings.cache_dir == payments_gw.bootstrap.settings.cache_dir
+        await orders_gw.source.stop()
+        await payments_gw.source.stop()
+        await service.stop()
+        await payments.stop()
+        # Restarted with both services away: each serves its own last version from the cache.
+        orders_again = await start_gateway(service.url, startup_wait=0.3)
+        payments_again = await start_gateway(payments.url, startup_wait=0.3, service="payments", file="payments.yaml")
+        assert routes(orders_again) == ["orders-route"]
+        assert routes(payments_again) == ["payments-route"]
+    finally:
+        await payments.stop()
+
+
+async def test_a_cache_from_another_service_url_is_served_with_a_warning(
+    service: FakeService, start_gateway: Start
+) -> None:
+    service.push(pushed("a"))
+    await service.start()
+    first = await start_gateway(service.url)
+    await first.source.stop()
+    await service.stop()
+    moved = f"http://127.0.0.1:{free_port()}"
+    with capture_logs() as logs:
+        gw = await start_gateway(moved, startup_wait=0.3)
+    assert routes(gw) == ["a"]
+    [warning] = [e for e in logs if e["event"] == "config_cache_other_url"]
+    assert (warning["cached_url"], warning["url"], warning["log_level"]) == (service.url, moved, "warning")
+
+
+# --- ETags ----------------------------------------------------------------------------------------------------------
+
+
+async def test_a_restored_store_numbering_back_to_the_held_version_is_taken(
+    service: FakeService, start_gateway: Start
+) -> None:
+    service.push(pushed("a"))
+    service.push(pushed("a", "b"))
+    await service.start()
+    gw = await start_gateway(service.url)
+    assert (routes(gw), gw.version()) == (["a", "b"], 2)
+    await eventually(lambda: service.polls[-1].get("If-None-Match") == service.etag(2), what="a parked poll")
+    # Wiped and pushed to again: version 2 once more, other content. The tag tells them apart.
+    service.restore([pushed("x"), pushed("x", "y")])
+    await eventually(lambda: routes(gw) == ["x", "y"], within=5.0, what="the restored store's version 2")
+    assert gw.version() == 2
+    await eventually(lambda: service.polls[-1].get("If-None-Match") == service.etag(2), what="the new tag sent")
 
 
 async def test_a_missing_bundle_rejects_the_version(service: FakeService, start_gateway: Start) -> None:

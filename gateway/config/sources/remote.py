@@ -6,20 +6,24 @@ One background task runs the whole life:
    source ``config_service``). If the service is down, slow, has no config yet or sends one that fails, the last
    good copy in ``cache_dir`` is served (source ``cache``); with no usable copy either the gateway stays not ready
    (503) and keeps polling.
-2. **polling**: ``GET /v1/services/{s}/config?wait=...`` with ``If-None-Match`` set to the last version taken
-   (applied or rejected, so a refused version is not sent again and again), and the report headers
+2. **polling**: ``GET /v1/services/{s}/config?wait=...`` with ``If-None-Match`` set to the ETag of the last version
+   taken, exactly as the service sent it (applied or rejected, so a refused version is not sent again and again;
+   the service's ETag carries a content hash, so a store restored to the same number with other content is not
+   taken for the version held), and the report headers
    ``X-Meshgate-Gateway``, ``X-Meshgate-Applied-Version`` and, after a refusal, ``X-Meshgate-Rejected-Version`` /
    ``X-Meshgate-Rejected-Error``. A new version: download its bundles, compile ``bootstrap + pushed``, apply
-   atomically, write the cache. One that fails to compile or load is rejected (``store.rejected``) and the old one
-   keeps serving.
+   atomically, write the cache (``cache_dir/<service>/config.json``), then remove bundle files no config uses any
+   more. One that fails to compile or load is rejected (``store.rejected``) and the old one keeps serving.
 3. **failures**: an unreachable service, a 5xx, an unreadable answer or a refused token (401/403, logged as
    ``config_service_auth_failed``) back off with full jitter (0.5 s doubling to 30 s), so a fleet that lost the
    service together does not come back in step. Anything unexpected (a full disk) backs off the same way, logged
    with its traceback: the poll task never ends but by ``stop``. An answer with nothing new that comes back early
    (304, or a 200 carrying the ETag already taken) is followed by a short jittered pause.
 
-A second task re-fetches the serving version's bundles every ``bundle_refresh`` with ``If-None-Match``; a changed
-bundle is written atomically and the policy runtime's file watcher loads it.
+A second task re-fetches the serving version's bundles every ``bundle_refresh`` with ``If-None-Match``
+(``bundles.py``). A changed bundle is a new file (bundles are stored by content), and the serving version is applied
+again pointing at it, through the same compile and apply path as a new version: one that does not load is rejected
+and reported like a bad version, the old file and policy stay, and that bundle is not tried again until it changes.
 
 The token is read from ``token_file`` for every request (a rotated token is used at once) and never logged.
 """
@@ -34,16 +38,17 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 import structlog
 
-from gateway.config.bootstrap import Bootstrap, Compiled, bundle_file, compile_pushed, merge, read_token
+from gateway.config.bootstrap import Bootstrap, Compiled, compile_pushed, merge, read_token
 from gateway.config.errors import ConfigError, Problem
-from gateway.config.sources.cache import CACHE_FILE, CacheError, read_cached, write_atomic, write_cached
+from gateway.config.sources.answers import ServiceUnavailable, check_status
+from gateway.config.sources.bundles import BundleRefresher, BundleStore
+from gateway.config.sources.cache import CACHE_FILE, CacheError, read_cached, service_dir, write_cached
 from gateway.config.store import SnapshotStore
 from gateway.config.values import format_duration
 from gateway.resilience.backoff import full_jitter
@@ -67,20 +72,15 @@ BACKOFF_CAP = 30.0
 # A long-poll that ends without news is normal; one that ends much sooner than asked (a service without long-poll,
 # or a service with no config yet for this one) must not become a busy loop: a short, growing, jittered pause.
 _EARLY_CAP = 5.0
-# On top of the long-poll's wait, for the service's answer to travel; and for a bundle download (up to 64 MiB).
+# On top of the long-poll's wait, for the service's answer to travel.
 _POLL_SLACK = 10.0
-_BUNDLE_TIMEOUT = aiohttp.ClientTimeout(total=60.0, sock_connect=5.0)
 _REJECTED_ERROR_MAX = 300
 _HEADER_UNSAFE = re.compile(r"[^\x20-\x7e]")
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class ServiceUnavailable(Exception):
-    """The service could not be asked or did not answer usably; ``auth``: it refused the token."""
-
-    def __init__(self, reason: str, *, auth: bool = False) -> None:
-        super().__init__(reason)
-        self.auth = auth
+class _ReportNow(Exception):
+    """A parked poll was cut short: there is something new to report."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,18 @@ class _Version:
     version: int
     etag: str
     pushed: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Serving:
+    """The version serving, as this source applied it: enough to apply it again with other bundle files."""
+
+    version: int
+    etag: str
+    pushed: Mapping[str, Any]
+    source: str
+    bundles: tuple[tuple[str, str], ...]  # (where, name) of the pushed bundles
+    digests: Mapping[str, str]  # name -> sha256 of the file applied
 
 
 def default_gateway_id(service: str, hostname: str, port: int) -> str:
@@ -132,20 +144,26 @@ class RemoteSource:
             snapshot.service, hostname if hostname is not None else socket.gethostname(), snapshot.listen.port
         )
         self._config_url = f"{settings.url}/v1/services/{urllib.parse.quote(snapshot.service, safe='')}/config"
-        self._cache_dir = Path(settings.cache_dir)
+        # This service's own part of cache_dir: sidecars of other services may share the directory.
+        self._dir = service_dir(settings.cache_dir, snapshot.service)
         self.source = f"config_service:{settings.url}"
-        self.cache_source = f"cache:{self._cache_dir / CACHE_FILE}"
+        self.cache_source = f"cache:{self._dir / CACHE_FILE}"
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
-        self._bundle_lock = asyncio.Lock()  # the poller and the refresher write the same files
+        self._report = asyncio.Event()  # a refusal (or its end) to tell the service before the parked poll ends
+        self._bundles = BundleStore(settings.url, self._dir, self._session_now, self._headers)
+        # The poller and the refresher both apply: one at a time, each checking what serves once it holds the lock.
+        self._apply_lock = asyncio.Lock()
         # What the service has been told, and what the next poll asks relative to.
         self.applied = 0
         self.rejected: tuple[int, str] | None = None
-        self._etag: str | None = None  # of the last version taken, applied or rejected
-        self._bundles: tuple[tuple[str, str], ...] = ()  # of the version serving
-        self._bundle_etags: dict[str, str] = {}
-        self._refresh_failing = False
+        self._etag: str | None = None  # of the last version taken, applied or rejected: sent back as it came
+        self._serving: _Serving | None = None
+        self._cached_digests: Mapping[str, str] = {}  # the bundle files config.json names: never removed
+        self._refresher = BundleRefresher(
+            self._bundles, settings.bundle_refresh, lambda: self._serving, self._apply_bundles
+        )
         # Serving the cached copy: the next poll asks without If-None-Match, so the service confirms (or replaces)
         # it at once and /readyz stops saying "cache" as soon as the service is back.
         self._from_cache = False
@@ -153,10 +171,14 @@ class RemoteSource:
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
+    def _session_now(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "start() first"
+        return self._session
+
     def start(self) -> None:
         # trust_env=False: an HTTP(S)_PROXY meant for the user's traffic must not reroute the control plane.
         self._session = aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=None))
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._refresh_bundles())]
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._refresher.run())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -206,7 +228,7 @@ class RemoteSource:
             started = time.monotonic()
             try:
                 confirm, wait = self._from_cache, self._settings.poll_wait
-                answer = await self._fetch(None if confirm else wait)
+                answer = await self._fetch_or_report(None if confirm else wait)
                 self._from_cache = False
                 if answer is not None and not confirm and answer.etag == self._etag:
                     # A 200 for the version already taken (a proxy that dropped If-None-Match, a service without
@@ -215,6 +237,8 @@ class RemoteSource:
                 if answer is not None:
                     await self._take(answer)
                 failures = 0
+            except _ReportNow:
+                continue  # asked again at once, carrying the new report
             except Exception as error:
                 # Anything else (a full disk under cache_dir, a bug) must not end the task: a gateway that stops
                 # polling keeps serving but never follows the service again.
@@ -231,6 +255,23 @@ class RemoteSource:
                 early += 1
             else:
                 early = 0
+
+    async def _fetch_or_report(self, wait: float | None) -> _Version | None:
+        """``_fetch``, cut short by ``_ReportNow`` when the refresher refused (or then took) bundles while the poll
+        was parked: the service hears of it now, not a long-poll later. Cutting a poll changes nothing here."""
+        self._report.clear()
+        fetch = asyncio.ensure_future(self._fetch(wait))
+        report = asyncio.ensure_future(self._report.wait())
+        try:
+            await asyncio.wait((fetch, report), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            report.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+        if fetch.cancelled():
+            raise _ReportNow
+        return fetch.result()
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -255,46 +296,67 @@ class RemoteSource:
         try:
             compiled = compile_pushed(self._bootstrap, answer.pushed)
             async with asyncio.timeout_at(deadline):
-                await self._download(compiled)
-            await self._store.apply(compiled.snapshot, self.source, version=answer.version)
+                digests = await self._download(compiled)
+            async with self._apply_lock:
+                await self._store.apply(compiled.with_bundles(digests), self.source, version=answer.version)
+                serving = _Serving(answer.version, answer.etag, answer.pushed, self.source, compiled.bundles, digests)
+                self._serving = serving
+                self.applied, self.rejected, self._etag = answer.version, None, answer.etag
+                await self._write_cache(serving)
         except ConfigError as error:
             self._store.rejected(f"{self.source} version {answer.version}", error)
             self.rejected = (answer.version, str(error.problems[0]))
             self._etag = answer.etag
             return
-        self.applied, self.rejected, self._etag = answer.version, None, answer.etag
-        self._bundles = compiled.bundles
-        await self._write_cache(answer)
 
     async def _serve_cache(self) -> None:
         service = self._bootstrap.snapshot.service
+        path = self._dir / CACHE_FILE
         try:
-            cached = await asyncio.to_thread(read_cached, self._cache_dir, service)
+            cached = await asyncio.to_thread(read_cached, self._dir, service)
         except CacheError as error:
             log.error("config_cache_unusable", error=str(error))
             return
         if cached is None:
             return
+        if cached.url is not None and cached.url != self._settings.url:
+            # Still this service's config (the file says so): usable, but worth a look (a moved or a wrong URL).
+            log.warning("config_cache_other_url", path=str(path), cached_url=cached.url, url=self._settings.url)
         try:
             compiled = compile_pushed(self._bootstrap, cached.pushed)
-            await self._store.apply(compiled.snapshot, self.cache_source, version=cached.version)
+            missing = [
+                Problem(w, f"{path} names no file for bundle {n!r}")
+                for w, n in compiled.bundles
+                if n not in cached.bundles
+            ]
+            if missing:
+                raise ConfigError(missing)
+            snapshot = compiled.with_bundles(cached.bundles)
+            async with self._apply_lock:
+                await self._store.apply(snapshot, self.cache_source, version=cached.version)
+                self._serving = _Serving(
+                    cached.version, cached.etag, cached.pushed, self.cache_source, compiled.bundles, cached.bundles
+                )
         except ConfigError as error:
             # The bootstrap changed since (a key the cached version now clashes with), or a bundle file is gone.
             self._store.rejected(self.cache_source, error)
             return
-        self.applied, self._etag, self._bundles = cached.version, cached.etag, compiled.bundles
+        self.applied, self._etag, self._cached_digests = cached.version, cached.etag, cached.bundles
+        self._bundles.remember(cached.bundles)
         self._from_cache = True
-        log.info("config_from_cache", version=cached.version, path=str(self._cache_dir / CACHE_FILE))
+        log.info("config_from_cache", version=cached.version, path=str(path))
 
-    async def _write_cache(self, answer: _Version) -> None:
-        merged = merge(self._bootstrap.document, answer.pushed)
-        service = self._bootstrap.snapshot.service
+    async def _write_cache(self, serving: _Serving) -> None:
+        """Write ``config.json`` for ``serving`` (just applied), then remove the bundle files neither it nor the
+        file on disk names (the old file stays while a failed write leaves the old ``config.json`` naming it)."""
+        merged = merge(self._bootstrap.document, serving.pushed)
+        head = (self._bootstrap.snapshot.service, self._settings.url, serving.version, serving.etag)
         try:
-            await asyncio.to_thread(
-                write_cached, self._cache_dir, service, answer.version, answer.etag, answer.pushed, merged
-            )
+            await asyncio.to_thread(write_cached, self._dir, *head, serving.pushed, merged, serving.digests)
+            self._cached_digests = serving.digests
         except OSError as error:  # serving goes on; only a restart without the service would miss the copy
-            log.error("config_cache_write_failed", path=str(self._cache_dir), error=str(error))
+            log.error("config_cache_write_failed", path=str(self._dir), error=str(error))
+        await self._bundles.prune(serving.digests, self._cached_digests)
 
     # --- HTTP ---------------------------------------------------------------------------------------------------
 
@@ -320,7 +382,7 @@ class RemoteSource:
             async with self._session.get(self._config_url, headers=headers, params=params, timeout=timeout) as answer:
                 if answer.status in (304, 404):
                     return None
-                _check_status(answer.status)
+                check_status(answer.status)
                 body = await answer.json(content_type=None)
                 return _parse_version(body, answer.headers.get("ETag"))
         except (aiohttp.ClientError, OSError, ValueError) as error:
@@ -330,61 +392,31 @@ class RemoteSource:
                 raise  # the start-up bound
             raise ServiceUnavailable("no answer within the long-poll's time") from None
 
-    async def _download(self, compiled: Compiled) -> None:
-        for where, name in compiled.bundles:
-            await self._fetch_bundle(where, name)
+    async def _download(self, compiled: Compiled) -> dict[str, str]:
+        return {name: await self._bundles.fetch(where, name) for where, name in compiled.bundles}
 
-    async def _fetch_bundle(self, where: str, name: str) -> bool:
-        """Bring ``cache_dir/bundles/<name>.tar.gz`` up to date; True if the file changed. ``ConfigError`` if the
-        service has no such bundle, ``ServiceUnavailable`` if it cannot be asked."""
-        assert self._session is not None
-        path = bundle_file(self._cache_dir, name)
-        async with self._bundle_lock:
-            headers = self._headers()
-            etag = self._bundle_etags.get(name)
-            if etag is not None and path.exists():
-                headers["If-None-Match"] = etag
-            url = f"{self._settings.url}/v1/bundles/{urllib.parse.quote(name, safe='')}"
+    async def _apply_bundles(self, serving: _Serving, digests: dict[str, str]) -> bool:
+        """The refresher found new bundle files: apply the serving version again pointing at them. A new snapshot
+        (its hash covers the files), so the policy runtime rebuilds the changed decision paths in one apply; one
+        that does not load is rejected and reported like a bad version, and the old files keep deciding."""
+        async with self._apply_lock:
+            if self._serving is not serving:
+                return True  # another version (or the service confirming the cache) was applied meanwhile
             try:
-                async with self._session.get(url, headers=headers, timeout=_BUNDLE_TIMEOUT) as answer:
-                    if answer.status == 304:
-                        return False
-                    if answer.status == 404:
-                        raise ConfigError((Problem(where, f"no bundle named {name!r} in the config service"),))
-                    _check_status(answer.status)
-                    data = await answer.read()
-                    new_etag = answer.headers.get("ETag")
-            except (aiohttp.ClientError, OSError, TimeoutError) as error:
-                raise ServiceUnavailable(f"bundle {name}: {type(error).__name__}: {error}".rstrip(": ")) from None
-            changed = await asyncio.to_thread(_store_bundle, path, data)
-            if new_etag:
-                self._bundle_etags[name] = new_etag
-            if changed:
-                log.info("bundle_downloaded", bundle=name, bytes=len(data), etag=new_etag)
-            return changed
-
-    async def _refresh_bundles(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.bundle_refresh)
-            failed: str | None = None
-            for where, name in self._bundles:
-                try:
-                    await self._fetch_bundle(where, name)
-                except (ServiceUnavailable, ConfigError, OSError) as error:  # OSError: writing under cache_dir
-                    failed = str(error)
-            # Logged when it starts and stops failing, not every few seconds while the service is away.
-            if failed is not None and not self._refresh_failing:
-                log.warning("bundle_refresh_failed", error=failed)
-            elif failed is None and self._refresh_failing:
-                log.info("bundle_refresh_recovered")
-            self._refresh_failing = failed is not None
-
-
-def _check_status(status: int) -> None:
-    if status in (401, 403):
-        raise ServiceUnavailable(f"HTTP {status}: the service refused the gateway token", auth=True)
-    if status != 200:
-        raise ServiceUnavailable(f"HTTP {status}")
+                snapshot = compile_pushed(self._bootstrap, serving.pushed).with_bundles(digests)
+                await self._store.apply(snapshot, serving.source, version=serving.version)
+            except ConfigError as error:
+                self._store.rejected(f"{serving.source} version {serving.version} with new bundles", error)
+                self.rejected = (serving.version, str(error.problems[0]))
+                self._report.set()
+                return False
+            self._serving = replace(serving, digests=digests)
+            if self.rejected is not None and self.rejected[0] <= serving.version:
+                self.rejected = None  # that refusal was of these bundles: the version now serves with good ones
+                self._report.set()
+            log.info("bundles_applied", version=serving.version, bundles=digests)
+            await self._write_cache(self._serving)
+            return True
 
 
 def _parse_version(body: object, etag: str | None) -> _Version:
@@ -394,15 +426,3 @@ def _parse_version(body: object, etag: str | None) -> _Version:
     if not isinstance(version, int) or isinstance(version, bool) or not isinstance(config, Mapping):
         raise ServiceUnavailable("unexpected answer: no integer version or no config object")
     return _Version(version, etag or f'"{version}"', config)
-
-
-def _store_bundle(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` unless it holds exactly that already (an unchanged file keeps its identity, so
-    the policy watcher does not reload it)."""
-    try:
-        if path.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    write_atomic(path, data)
-    return True

@@ -16,7 +16,6 @@ from gateway.config.errors import ConfigError
 
 from .sample import DELETE, edited
 
-NS = "not supported yet by this meshgate build"
 DURATION = 'expected a duration string like "250ms" or "2s"'
 NAME_HINT = '(use letters, digits, ".", "_", "-"; start with a letter or digit)'
 SERVICE_HINT = '(use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit)'
@@ -44,7 +43,7 @@ TOP_LEVEL = [
     case({"zzz": 1}, "zzz: unknown key"),
     case({"config_service": {}}, "config_service.url: required", "config_service.token_file: required"),
     case({"tls": {}}, "tls.cert_file: required", "tls.key_file: required"),
-    case({"mesh": {}}, f"mesh: {NS}"),
+    case({"mesh": {}}, "mesh: needs a config_service section (the mesh certificate comes from it)"),
     case({"routes": DELETE}, "routes: required"),
     case({"routes": {}}, "routes: expected a list, got a mapping"),
     case({"routes": []}, "routes: must have at least one route"),
@@ -340,7 +339,10 @@ CLUSTERS = [
     case({f"{C}.max_connections": "10"}, 'clusters[0].max_connections: expected an integer, got "10"'),
     case({f"{C}.max_connections": True}, "clusters[0].max_connections: expected an integer, got true"),
     case({f"{C}.tls": []}, "clusters[0].tls: expected a mapping, got a list"),
-    case({f"{C}.mesh_identity": "spiffe://x/service/y"}, f"clusters[0].mesh_identity: {NS}"),
+    case(
+        {f"{C}.mesh_identity": "spiffe://x/service/y"},
+        "clusters[0].mesh_identity: needs a top-level mesh section (the gateway's own mesh certificate)",
+    ),
 ]
 
 LIMITS = [

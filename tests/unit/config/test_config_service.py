@@ -180,23 +180,31 @@ def test_merge_refuses(pushed: object, expected: str) -> None:
     assert str(info.value) == expected
 
 
-def test_pushed_bundle_names_point_into_the_cache(tmp_path: Path) -> None:
+def test_pushed_bundle_names_point_at_files_stored_by_content_in_the_service_cache(tmp_path: Path) -> None:
     loaded = bootstrap(tmp_path)
     authz = {"bundle": "authz-v1.2", "shadow": {"bundle": "next"}}
     compiled = compile_pushed(loaded, {**PUSHED, "authz": authz})
     assert compiled.bundles == (("authz.bundle", "authz-v1.2"), ("authz.shadow.bundle", "next"))
-    assert compiled.snapshot.authz is not None
-    assert compiled.snapshot.authz.primary.bundle == str(tmp_path / ".meshgate-cache/bundles/authz-v1.2.tar.gz")
-    assert compiled.snapshot.authz.shadow is not None
-    assert compiled.snapshot.authz.shadow.bundle == str(tmp_path / ".meshgate-cache/bundles/next.tar.gz")
+    assert compiled.directory == tmp_path / ".meshgate-cache" / "orders"  # the service's own part of cache_dir
+    one, two = "1" * 64, "2" * 64
+    snapshot = compiled.with_bundles({"authz-v1.2": one, "next": two})
+    assert snapshot.authz is not None
+    assert snapshot.authz.primary.bundle == str(tmp_path / f".meshgate-cache/orders/bundles/authz-v1.2/{one}.tar.gz")
+    assert snapshot.authz.shadow is not None
+    assert snapshot.authz.shadow.bundle == str(tmp_path / f".meshgate-cache/orders/bundles/next/{two}.tar.gz")
     # /config shows what was pushed: the name, not the gateway's path.
-    assert compiled.snapshot.document["authz"] == authz
+    assert snapshot.document["authz"] == authz
+    # Other bundle files under the same config: another snapshot (the store applies it, not "nothing changed").
+    assert compiled.with_bundles({"authz-v1.2": one, "next": two}).hash == snapshot.hash
+    assert compiled.with_bundles({"authz-v1.2": two, "next": two}).hash != snapshot.hash
+    assert snapshot.hash != compiled.snapshot.hash
 
 
 def test_a_bootstrap_bundle_stays_a_path_relative_to_the_bootstrap(tmp_path: Path) -> None:
     loaded = bootstrap(tmp_path, {**BOOTSTRAP, "authz": {"bundle": "./policy"}})
     compiled = compile_pushed(loaded, PUSHED)
     assert compiled.bundles == ()
+    assert compiled.with_bundles({}) is compiled.snapshot
     assert compiled.snapshot.authz is not None
     assert compiled.snapshot.authz.primary.bundle == str(tmp_path / "policy")
 

@@ -93,7 +93,8 @@ def test_opa_cache_without_key_gets_the_documented_default() -> None:
     assert snapshot.authz.cache is not None
     # Left to the runtime, per engine: an embedded shadow of an OPA primary still keys on its own reads.
     assert snapshot.authz.cache.key is None
-    default = (("meshgate", "principal"), (*HTTP, "method"), ("meshgate", "route"), (*HTTP, "path"))
+    peer = ("attributes", "source", "principal")  # the verified mesh identity of the caller
+    default = (("meshgate", "principal"), peer, (*HTTP, "method"), ("meshgate", "route"), (*HTTP, "path"))
     assert default == OPA_DEFAULT_CACHE_KEY
 
 
@@ -181,7 +182,7 @@ REJECTED = [
     case(
         {"authz": {"bundle": "b", "cache": {"key": ["user"]}}},
         'authz.cache.key[0]: unknown cache key part "user" '
-        "(one of principal, route, method, path, host, source, header:<name>, input.<path>)",
+        "(one of principal, route, method, path, host, source, peer, header:<name>, input.<path>)",
     ),
     case(
         {"authz": {"bundle": "b", "shadow": {"engine": "none"}}},

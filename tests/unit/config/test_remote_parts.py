@@ -12,7 +12,16 @@ import pytest
 
 from gateway.config.compile import compile_document
 from gateway.config.errors import ConfigError
-from gateway.config.sources.cache import CacheError, read_cached, write_atomic, write_cached
+from gateway.config.sources.bundles import prune_bundles
+from gateway.config.sources.cache import (
+    CacheError,
+    read_cached,
+    read_instances,
+    service_dir,
+    write_atomic,
+    write_cached,
+    write_instances,
+)
 from gateway.config.sources.remote import default_gateway_id, poll_headers
 from gateway.config.store import SnapshotStore
 from gateway.serving import Serving
@@ -54,13 +63,44 @@ def test_default_gateway_id(hostname: str, expected: str) -> None:
 
 
 def test_cache_round_trip(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    write_cached(cache, "orders", 7, '"7"', {"routes": []}, {"service": "orders", "routes": []})
+    cache = service_dir(tmp_path / "cache", "orders")
+    assert cache == tmp_path / "cache" / "orders"
+    digest = "a" * 64
+    write_cached(cache, "orders", "http://cs", 7, '"7-abc"', {"routes": []}, {"service": "orders"}, {"authz": digest})
     cached = read_cached(cache, "orders")
     assert cached is not None
-    assert (cached.version, cached.etag, cached.pushed) == (7, '"7"', {"routes": []})
+    assert (cached.version, cached.etag, cached.pushed) == (7, '"7-abc"', {"routes": []})
+    assert (cached.url, cached.bundles) == ("http://cs", {"authz": digest})
     assert cache.stat().st_mode & 0o777 == 0o700
     assert [p.name for p in cache.iterdir()] == ["config.json"]  # no temp file left behind
+
+
+def test_a_cache_written_before_urls_and_bundles_were_recorded_still_reads(tmp_path: Path) -> None:
+    body = {"format": 1, "service": "orders", "version": 3, "etag": '"3"', "pushed": {}}
+    (tmp_path / "config.json").write_text(json.dumps(body))
+    cached = read_cached(tmp_path, "orders")
+    assert cached is not None
+    assert (cached.version, cached.url, cached.bundles) == (3, None, {})
+
+
+def test_instance_lists_round_trip_per_registry_service(tmp_path: Path) -> None:
+    assert read_instances(tmp_path, "payments") is None
+    write_instances(tmp_path, "payments", "http://cs", 4, ["10.0.0.1:80", "[::1]:81"])
+    assert read_instances(tmp_path, "payments") == ["10.0.0.1:80", "[::1]:81"]
+    assert read_instances(tmp_path, "stock") is None
+    (tmp_path / "instances" / "stock.json").write_text(json.dumps({"format": 1, "service": "other"}))
+    with pytest.raises(CacheError) as info:
+        read_instances(tmp_path, "stock")
+    assert str(info.value) == f"{tmp_path / 'instances' / 'stock.json'} is not a meshgate instance cache for 'stock'"
+
+
+def test_prune_keeps_the_digests_named_and_other_names(tmp_path: Path) -> None:
+    for name, digest in [("authz", "a"), ("authz", "b"), ("authz", "c"), ("other", "x")]:
+        write_atomic(tmp_path / "bundles" / name / f"{digest}.tar.gz", b"x")
+    removed = prune_bundles(tmp_path, {"authz": {"b", "c"}})
+    assert removed == [tmp_path / "bundles" / "authz" / "a.tar.gz"]
+    assert sorted(p.name for p in (tmp_path / "bundles" / "authz").iterdir()) == ["b.tar.gz", "c.tar.gz"]
+    assert (tmp_path / "bundles" / "other" / "x.tar.gz").exists()
 
 
 def test_no_cache_is_none(tmp_path: Path) -> None:
@@ -74,6 +114,12 @@ def test_no_cache_is_none(tmp_path: Path) -> None:
         ("[]", "{path} is not a meshgate config cache"),
         (json.dumps({"format": 1, "service": "payments"}), "{path} holds service 'payments', not 'orders'"),
         (json.dumps({"format": 1, "service": "orders", "version": "1"}), "{path} is incomplete"),
+        (
+            json.dumps(
+                {"format": 1, "service": "orders", "version": 1, "etag": '"1"', "pushed": {}, "bundles": {"a": "../x"}}
+            ),
+            "{path} is incomplete",
+        ),
     ],
 )
 def test_an_unusable_cache_says_why(tmp_path: Path, content: str, message: str) -> None:

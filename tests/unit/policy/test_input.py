@@ -64,3 +64,10 @@ def test_parsed_path_like_opa_envoy_plugin() -> None:
 def test_parsed_query_like_go_parse_query() -> None:
     assert parse_query("a=1&a=2&b&c=x+y") == {"a": ["1", "2"], "b": [""], "c": ["x y"]}
     assert parse_query("a=1;b=2") == {"a": ["1;b=2"]}  # ";" is not a separator (Go >= 1.17)
+
+
+def test_the_verified_mesh_peer_is_the_source_principal() -> None:
+    document = build_input(facts(peer="spiffe://meshgate.local/service/orders"))
+    assert document["attributes"]["source"]["principal"] == "spiffe://meshgate.local/service/orders"
+    # As opa-envoy-plugin: absent (not "" or null) when the caller proved no identity.
+    assert "principal" not in build_input(facts())["attributes"]["source"]
