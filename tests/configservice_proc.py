@@ -75,14 +75,21 @@ class ConfigService:
         self.start()
 
     def call(
-        self, method: str, path: str, body: object = None, *, token: str = ADMIN_TOKEN, raw: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        token: str = ADMIN_TOKEN,
+        raw: bytes | None = None,
+        content_type: str = "application/gzip",
     ) -> tuple[int, dict[str, Any]]:
         """One request; the JSON answer (``{}`` for an empty body), whatever the status."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         request.add_header("Authorization", f"Bearer {token}")
         if raw is not None:
-            request.add_header("Content-Type", "application/gzip")
+            request.add_header("Content-Type", content_type)
         elif data is not None:
             request.add_header("Content-Type", "application/json")
         try:
@@ -100,16 +107,24 @@ class ConfigService:
 
 
 @contextmanager
-def config_service(data: Path, *, extra_args: Sequence[str] = (), port: int | None = None) -> Iterator[ConfigService]:
+def config_service(
+    data: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    port: int | None = None,
+    tokens: Sequence[dict[str, str]] = (),
+) -> Iterator[ConfigService]:
+    """``tokens``: more entries for the tokens file (e.g. gateway tokens bound to a ``service``)."""
     data.mkdir(parents=True, exist_ok=True)
     service = ConfigService(port or free_port(), data, data.parent / f"{data.name}.log", extra_args)
-    tokens = {
+    tokens_doc = {
         "tokens": [
             {"name": "ops", "token": ADMIN_TOKEN, "role": "admin"},
             {"name": "fleet", "token": GATEWAY_TOKEN, "role": "gateway"},
+            *tokens,
         ]
     }
-    service.tokens_file.write_text(yaml.safe_dump(tokens))
+    service.tokens_file.write_text(yaml.safe_dump(tokens_doc))
     service.start()
     try:
         yield service

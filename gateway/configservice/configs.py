@@ -98,7 +98,7 @@ async def _store(
         document = json.loads(json.dumps(document, allow_nan=False))
     except ValueError as error:
         return _rejected(state, service, author, [Problem(DOCUMENT, f"not representable as JSON: {error}")])
-    checked = check_config(service, document)
+    checked = check_config(service, document, trust_domain=state.trust_domain)
     problems = list(checked.problems)
     bundles: dict[str, bytes] = {}
     for where, name in checked.bundles:

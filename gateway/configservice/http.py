@@ -76,6 +76,8 @@ class ApiState:
     tokens: TokenSet
     metrics: ConfigServiceMetrics
     clock: Callable[[], float] = time.time
+    # The mesh's trust domain: pushed clusters' `mesh_identity` is checked against it, as the gateways will.
+    trust_domain: str = "meshgate.local"
     # Long-polls parked right now: their timeouts are moved to "now" when the service stops, so they answer 304 at
     # once instead of holding the shutdown for up to MAX_WAIT.
     parked: set[asyncio.Timeout] = field(default_factory=set)

@@ -114,7 +114,7 @@ async def serve(settings: ServiceSettings, *, ready: asyncio.Event | None = None
         await store.close()
         return 1
 
-    state = ApiState(store, tokens, ConfigServiceMetrics())
+    state = ApiState(store, tokens, ConfigServiceMetrics(), trust_domain=settings.trust_domain)
     reloader = TokenReloader(settings.tokens_file, state, seen)
     runner = web.AppRunner(
         build_app(state, ca),

@@ -62,7 +62,7 @@ class CheckedConfig:
     bundles: tuple[tuple[str, str], ...]
 
 
-def check_config(service: str, document: object) -> CheckedConfig:
+def check_config(service: str, document: object, *, trust_domain: str = "meshgate.local") -> CheckedConfig:
     if not isinstance(document, Mapping):
         try:
             compile_document(document)  # its message for an empty or non-mapping document
@@ -79,7 +79,9 @@ def check_config(service: str, document: object) -> CheckedConfig:
     try:
         # A pushed version always lands on a gateway whose bootstrap has a config_service section (that is how it
         # got here), and a registry-discovered cluster needs one: compile it as the gateway will, with a stand-in.
-        snapshot = compile_document({"service": service, "config_service": _RECEIVER, **pushed})
+        # Likewise a cluster's `mesh_identity` needs the bootstrap's `mesh` (in this service's trust domain).
+        mesh = {"mtls": "disabled", "trust_domain": trust_domain}
+        snapshot = compile_document({"service": service, "config_service": _RECEIVER, "mesh": mesh, **pushed})
     except ConfigError as error:
         problems.extend(error.problems)
     bundles: list[tuple[str, str]] = []
