@@ -218,7 +218,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
             reuse_port=reuse_port,
             limits=snapshot.limits,
             ssl_context=listener_context,
-            mesh=mesh is not None,
+            mesh_trust_domain=mesh.settings.trust_domain if mesh is not None else None,
             permissive=mesh is not None and mesh.settings.mtls == "permissive",
         )
         await admin_runner.setup()

@@ -23,7 +23,7 @@ from gateway.context import RequestContext
 from gateway.errors import BadRequest, GatewayError, NotReady
 from gateway.headers import new_request_id
 from gateway.mesh.peer import peer_identity
-from gateway.mesh.permissive import SniffingSite
+from gateway.mesh.permissive import HANDSHAKE_TIMEOUT, SniffingSite
 from gateway.pipeline import Handler
 from gateway.serving import Serving
 from gateway.stages.rescue import local_reply
@@ -45,8 +45,9 @@ class GatewayServer:
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
         self._scheme = "http"  # "https" once started with TLS: url.scheme, x-forwarded-proto, the policy input
-        # Mesh listener (strict or permissive): each connection's scheme and verified peer identity are its own.
-        self._mesh = False
+        # Mesh listener (strict or permissive): the mesh's trust domain; each connection's scheme and verified peer
+        # identity are its own.
+        self._mesh: str | None = None
 
     @property
     def in_flight(self) -> int:
@@ -60,8 +61,8 @@ class GatewayServer:
         ctx = RequestContext(request, serving, time.perf_counter())
         ctx.scheme = self._scheme
         transport = request.transport
-        if self._mesh and transport is not None:
-            ctx.scheme, ctx.peer_identity = _mesh_peer(request.protocol, transport)
+        if self._mesh is not None and transport is not None:
+            ctx.scheme, ctx.peer_identity = _mesh_peer(request.protocol, transport, self._mesh)
         peer = transport.get_extra_info("peername") if transport is not None else None
         if peer:
             ctx.client_ip, ctx.client_port = peer[0], peer[1]
@@ -89,13 +90,13 @@ class GatewayServer:
         reuse_port: bool,
         limits: Limits | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        mesh: bool = False,
+        mesh_trust_domain: str | None = None,
         permissive: bool = False,
     ) -> None:
         """Listen on ``host:port``. The parser limits are ``limits``, or the serving config's (then required).
         ``ssl_context``: serve TLS with it (``tls.reloader.ListenerCertificate.context``); None: plain HTTP.
-        ``mesh``: the context is the mesh's: each request gets its connection's verified peer identity.
-        ``permissive``: plain HTTP too, on the same port (``mesh.permissive``)."""
+        ``mesh_trust_domain``: the context is the mesh's: each request gets its connection's verified peer identity
+        in this trust domain. ``permissive``: plain HTTP too, on the same port (``mesh.permissive``)."""
         if limits is None:
             serving = self.serving
             assert serving is not None
@@ -123,10 +124,10 @@ class GatewayServer:
             assert ssl_context is not None
             site = SniffingSite(self._runner, host, port, context=ssl_context, reuse_port=reuse_port, backlog=1024)
         else:
-            site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port, backlog=1024, ssl_context=ssl_context)
+            site = _Site(self._runner, host, port, reuse_port=reuse_port, backlog=1024, ssl_context=ssl_context)
         await site.start()
         self._scheme = "https" if ssl_context is not None and not permissive else "http"
-        self._mesh = mesh and ssl_context is not None
+        self._mesh = mesh_trust_domain if ssl_context is not None else None
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, close idle connections, let in-flight requests finish for up to ``drain_timeout``
@@ -155,15 +156,14 @@ class _Server(web.Server):
         return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
 
 
-def _mesh_peer(protocol: object, transport: asyncio.BaseTransport) -> tuple[str, str]:
+def _mesh_peer(protocol: object, transport: asyncio.BaseTransport, trust_domain: str) -> tuple[str, str]:
     """``(scheme, peer identity)`` of a mesh listener's connection, worked out at its first request and kept on
     its handler: the certificate does not change for the connection's life, and decoding it costs microseconds."""
     known: tuple[str, str] | None = getattr(protocol, "mesh_peer", None)
     if known is not None:
         return known
     tls = transport.get_extra_info("ssl_object")
-    # getpeercert() is None without a client certificate; it only ever holds one the mesh CAs verified.
-    known = ("https", peer_identity(tls.getpeercert())) if tls is not None else ("http", "")
+    known = ("https", peer_identity(tls, trust_domain)) if tls is not None else ("http", "")
     if isinstance(protocol, _ProtocolHandler):
         protocol.mesh_peer = known
     return known
@@ -221,3 +221,26 @@ def _describe(exc: BaseException | None) -> str:
         text = (exc.message or type(exc).__name__).strip().splitlines()
         return f"malformed request: {text[0] if text else type(exc).__name__}"
     return "malformed request"
+
+
+class _Site(web.TCPSite):
+    """``web.TCPSite`` with a short TLS handshake timeout: asyncio's default (60 s) lets a client that never
+    finishes its handshake hold a connection for a minute (the permissive listener uses the same bound)."""
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )

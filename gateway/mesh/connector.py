@@ -3,7 +3,8 @@
 Every new connection takes the mesh's newest client context (``Mesh.client_context``): a renewed certificate or a
 new CA bundle is used by the next handshake, while pooled keep-alive connections stay as they are. OpenSSL checks
 the chain against the mesh CAs, but not the SPIFFE URI (it matches DNS names and IPs only), so it is checked here,
-right after the handshake and before the connection is used or pooled: a peer that proves another identity is
+right after the handshake and before the connection is used or pooled, by the listener's rules (``peer.py``: a
+verified leaf whose one URI SAN is exactly the expected identity): a peer that proves another identity is
 closed and the attempt fails as a TLS failure (``connect-failure``: nothing was sent, so it is safe to retry on
 another endpoint), logged ``upstream_identity_mismatch`` by ``upstream/attempt.py``.
 """
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from cryptography import x509
 
-from gateway.mesh.peer import uri_sans
+from gateway.mesh.peer import peer_identity, uri_sans
 
 if TYPE_CHECKING:
     from aiohttp import ClientTimeout
@@ -45,7 +47,8 @@ class MeshConnector(aiohttp.TCPConnector):
         self._expected = expected
 
     def _get_ssl_context(self, req: ClientRequest) -> ssl.SSLContext | None:
-        return self._mesh.client_context() if req.is_ssl() else None
+        # Always the mesh's context, whatever the request asked for: a mesh cluster is never called in plain text.
+        return self._mesh.client_context()
 
     async def _create_connection(
         self,
@@ -53,13 +56,24 @@ class MeshConnector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> ResponseHandler:
-        protocol = await super()._create_connection(req, traces, timeout)
         if not req.is_ssl():
-            return protocol
+            # Fail closed: an http:// URL on a mesh cluster would otherwise skip both mTLS and the identity check.
+            raise aiohttp.ClientSSLError(req.connection_key, ssl.SSLError("mesh clusters are called over TLS only"))
+        protocol = await super()._create_connection(req, traces, timeout)
         transport = protocol.transport
         tls = transport.get_extra_info("ssl_object") if transport is not None else None
-        presented = uri_sans(tls.getpeercert() if tls is not None else None)
-        if self._expected not in presented:
+        if peer_identity(tls, self._mesh.settings.trust_domain) != self._expected:
             protocol.close()
-            raise MeshIdentityMismatch(req.connection_key, self._expected, presented)
+            raise MeshIdentityMismatch(req.connection_key, self._expected, _presented(tls))
         return protocol
+
+
+def _presented(tls: ssl.SSLObject | None) -> list[str]:
+    """The URI SANs the peer's certificate carries, for the log line."""
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    if der is None:
+        return []
+    try:
+        return uri_sans(x509.load_der_x509_certificate(der))
+    except ValueError:
+        return []

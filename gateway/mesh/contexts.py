@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gateway.config.snapshot import MeshMode
 from gateway.mesh.identity import MeshCertificate
-from gateway.tls.contexts import ALPN, TLS12_CIPHERS
+from gateway.tls.contexts import harden
 
 __all__ = ["bound_server_context", "client_context", "load_pair", "server_context"]
 
@@ -30,13 +30,6 @@ _VERIFY: dict[MeshMode, ssl.VerifyMode] = {
     "permissive": ssl.CERT_OPTIONAL,
     "disabled": ssl.CERT_NONE,
 }
-
-
-def _harden(context: ssl.SSLContext) -> None:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.set_alpn_protocols(list(ALPN))
 
 
 def load_pair(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, spill_dir: Path | None = None) -> None:
@@ -77,7 +70,7 @@ def bound_server_context(mode: MeshMode) -> ssl.SSLContext:
     """A listener context with the per-connection settings of ``mode`` and no certificate yet: the one a socket is
     bound with when the first certificate has not arrived (handshakes fail until ``install`` swaps one in)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(context)
+    harden(context)
     context.verify_mode = _VERIFY[mode]
     return context
 
@@ -87,7 +80,7 @@ def client_context(cert: MeshCertificate | None, ca_pem: bytes | None = None) ->
     as the only trust. Without a certificate yet, one that trusts nothing: every handshake fails (as a TLS
     failure, never as a plain-text call)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(context)
+    harden(context)
     context.check_hostname = False  # the URI SAN is checked after the handshake (connector.py)
     context.verify_mode = ssl.CERT_REQUIRED
     bundle = ca_pem or (cert.ca_pem if cert is not None else None)

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.mesh.peer import identity_of, uri_sans
+
 __all__ = [
     "IdentityError",
     "MeshCertificate",
@@ -70,14 +72,6 @@ def build_csr(key: ec.EllipticCurvePrivateKey, service: str, identity: str) -> b
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(extension.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
 def parse_answer(body: object, key: ec.EllipticCurvePrivateKey, identity: str) -> MeshCertificate:
     """The ``POST /v1/certificates`` answer as a ``MeshCertificate``; ``IdentityError`` unless it is a certificate
     for ``key`` naming ``identity``, usable for both server and client auth, with a CA bundle."""
@@ -97,6 +91,9 @@ def parse_answer(body: object, key: ec.EllipticCurvePrivateKey, identity: str) -
     names = uri_sans(leaf)
     if identity not in names:
         raise IdentityError(f"the certificate names {names}, not {identity}")
+    # Peers judge it by peer.py's rules (a leaf with exactly this one URI SAN): one they would refuse is refused now.
+    if identity_of(leaf, _trust_domain(identity)) != identity:
+        raise IdentityError("the certificate is a CA certificate or carries more than one URI SAN")
     if body.get("identity", identity) != identity:
         raise IdentityError(f"the service says {body.get('identity')!r}, this gateway is {identity}")
     try:
@@ -149,6 +146,10 @@ def _error_text(text: str) -> str:
     except ValueError:
         return text[:200]
     return str(body.get("error", body) if isinstance(body, dict) else body)[:200]
+
+
+def _trust_domain(identity: str) -> str:
+    return identity.removeprefix("spiffe://").split("/", 1)[0]
 
 
 def _epoch(moment: datetime.datetime) -> float:

@@ -87,12 +87,16 @@ class Renewal:
             await self._sleep(self.next_delay(current))
             try:
                 fresh = await self._obtain()
-            except IdentityError as error:
+                self._install(fresh)
+            except Exception as error:  # whatever failed, this task must live: it is the only renewer
+                # Not just IdentityError: a bundle OpenSSL refuses (ssl.SSLError from install), an answer the
+                # parser did not foresee ... would otherwise end the task silently and let the certificate expire.
+                reason = str(error) if isinstance(error, IdentityError) else f"{type(error).__name__}: {error}"
                 self.failures += 1
                 now = self._clock()
                 expired = current is not None and now >= current.not_after
                 fields = {
-                    "error": str(error),
+                    "error": reason,
                     "failures": self.failures,
                     "serving_serial": current.serial if current is not None else None,
                     "expires_in_s": round(current.not_after - now, 1) if current is not None else None,
@@ -107,5 +111,4 @@ class Renewal:
             self.failures = 0
             expired_logged = False
             self._received = self._clock()
-            self._install(fresh)
             current = fresh

@@ -62,12 +62,13 @@ class TrustPoller:
             etag = response.headers.get("ETag")
         if _PEM_CERT not in body:
             raise RuntimeError("GET /v1/ca answered no PEM certificate")
+        if body != self.bundle:
+            # Handed on first, remembered after: a bundle ``on_bundle`` refuses (OpenSSL cannot load it) is asked
+            # for again on the next poll instead of being taken for installed.
+            self._on_bundle(body)
         self._etag = etag
-        if body == self.bundle:
-            return False
-        self.bundle = body
-        self._on_bundle(body)
-        return True
+        changed, self.bundle = body != self.bundle, body
+        return changed
 
     async def run(self) -> None:
         failures = 0
@@ -76,7 +77,7 @@ class TrustPoller:
                 await self.poll()
                 failures = 0
                 delay = self._interval * self._rng.uniform(0.9, 1.1)
-            except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # ssl.SSLError from on_bundle too: the poller must not die
                 failures += 1
                 delay = min(self._interval, 0.5 + full_jitter(failures - 1, 1.0, self._interval, self._rng))
                 log.warning("mesh_ca_poll_failed", error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))

@@ -29,6 +29,7 @@ __all__ = [
     "certificate_serial",
     "check_tls",
     "client_context",
+    "harden",
     "server_context",
     "upstream_contexts",
 ]
@@ -126,7 +127,7 @@ def certificate_serial(path: str) -> str | None:
 
 def _server(settings: ListenerTls, where: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(context, settings.min_version)
+    harden(context, settings.min_version)
     _load_pair(context, settings.cert_file, settings.key_file, where)
     if settings.client_ca_file is not None:
         _load_ca(context, settings.client_ca_file, f"{where}.client_ca_file")
@@ -136,7 +137,7 @@ def _server(settings: ListenerTls, where: str) -> ssl.SSLContext:
 
 def _client(settings: UpstreamTls, where: str) -> ClientTls:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
-    _harden(context, "1.2")
+    harden(context, "1.2")
     digest = hashlib.sha256(repr(settings).encode())
     if settings.insecure_skip_verify:
         context.check_hostname = False  # must come before verify_mode: OpenSSL refuses CERT_NONE with it on
@@ -150,7 +151,9 @@ def _client(settings: UpstreamTls, where: str) -> ClientTls:
     return ClientTls(context, digest.hexdigest())
 
 
-def _harden(context: ssl.SSLContext, min_version: TlsVersion) -> None:
+def harden(context: ssl.SSLContext, min_version: TlsVersion = "1.2") -> None:
+    """The settings every context meshgate builds shares (module docstring): file listeners, upstream clients and
+    the mesh's contexts alike, so the profile is changed in one place."""
     context.minimum_version = _VERSIONS[min_version]
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 only; TLS 1.3 suites are set apart, and all are strong
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ async def pair(fake: FakeMeshCA) -> AsyncIterator[Pair]:
         if request.path == "/slow":
             await asyncio.sleep(0.5)
         tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
-        return web.Response(text=peer_identity(tls.getpeercert() if tls is not None else None))
+        return web.Response(text=peer_identity(tls, "meshgate.local"))
 
     runner = web.ServerRunner(web.Server(handler))
     await runner.setup()
@@ -145,3 +146,30 @@ async def test_a_new_ca_is_trusted_after_the_bundle_poll_without_dropping_connec
             assert response.status == 200
         async with session(pair.orders) as fresh, fresh.get(f"{pair.url}/who") as response:  # a new handshake
             assert (response.status, await response.text()) == (200, ORDERS)
+
+
+async def test_a_certificate_with_the_identity_among_others_is_refused(pair: Pair, fake: FakeMeshCA) -> None:
+    # Bug fix: the connector took any certificate whose URI SANs *included* the expected identity; one signed by a
+    # mesh CA that names two services proves neither.
+    both = fake.cas[-1].issue("both", uris=(PAYMENTS, ORDERS), directory=fake.directory / "both")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(both.cert_file, both.key_file)
+    runner = web.ServerRunner(web.Server(lambda request: web.Response(text="served")))  # type: ignore[arg-type,return-value]
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with session(pair.orders) as client:
+            with pytest.raises(MeshIdentityMismatch) as info:
+                await client.get(f"https://127.0.0.1:{port}/who")
+        assert info.value.presented == [PAYMENTS, ORDERS]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_plain_http_url_is_never_sent_in_clear(pair: Pair) -> None:
+    # Bug fix: the connector returned plain connections unchecked; a mesh cluster is called over TLS or not at all.
+    async with session(pair.orders) as client:
+        with pytest.raises(aiohttp.ClientSSLError):
+            await client.get(pair.url.replace("https://", "http://") + "/who")

@@ -24,6 +24,7 @@ def sign(
     key: ec.EllipticCurvePrivateKey,
     uris: tuple[str, ...] = (ORDERS,),
     usages: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    is_ca: bool = False,
 ) -> x509.Certificate:
     start = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
     builder = (
@@ -36,6 +37,8 @@ def sign(
         .not_valid_after(start + datetime.timedelta(hours=24))
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
     )
+    if is_ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     if uris:
         names = [x509.UniformResourceIdentifier(uri) for uri in uris]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
@@ -93,6 +96,15 @@ def test_a_good_answer(ca: CA) -> None:
         (
             lambda ca, key: answer(ca, sign(ca, key, usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))),
             "the certificate is not valid for both server and client authentication",
+        ),
+        # Certificates every peer would refuse (gateway/mesh/peer.py) are refused before they are installed.
+        (
+            lambda ca, key: answer(ca, sign(ca, key, uris=(ORDERS, "spiffe://meshgate.local/service/billing"))),
+            "the certificate is a CA certificate or carries more than one URI SAN",
+        ),
+        (
+            lambda ca, key: answer(ca, sign(ca, key, is_ca=True)),
+            "the certificate is a CA certificate or carries more than one URI SAN",
         ),
         (
             lambda ca, key: answer(ca, sign(ca, key), identity="spiffe://meshgate.local/service/x"),

@@ -3,7 +3,9 @@ clock and sleep: no real time passes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import ssl
 
 import pytest
 
@@ -59,6 +61,8 @@ async def test_loop_renews_keeps_the_old_certificate_on_failure_and_stops_backin
     installed: list[str] = []
 
     async def obtain() -> MeshCertificate:
+        if not outcomes:
+            raise asyncio.CancelledError  # the fake ran out of outcomes: stop the loop as a cancel would
         outcome = outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
@@ -68,7 +72,7 @@ async def test_loop_renews_keeps_the_old_certificate_on_failure_and_stops_backin
         return outcome
 
     renewal = Renewal(obtain, lambda c: installed.append(c.serial), random.Random(3), clock, clock.sleep)
-    with pytest.raises(IndexError):  # the fake runs out of outcomes: the loop stops there
+    with pytest.raises(asyncio.CancelledError):
         await renewal.run(None)
     assert installed == ["A", "B"]
     assert clock.sleeps[0] == 0.0  # no certificate yet: ask at once
@@ -76,6 +80,35 @@ async def test_loop_renews_keeps_the_old_certificate_on_failure_and_stops_backin
     assert all(s <= 0.5 for s in clock.sleeps[2:4])  # two quick retries while A is still valid
     assert 45 <= clock.sleeps[4] <= 55  # B's half-life: the backoff was reset by the success
     assert renewal.failures == 0
+
+
+async def test_an_unexpected_failure_is_a_failed_renewal_never_the_end_of_the_loop() -> None:
+    # Bug fix: only IdentityError was caught, so a bundle OpenSSL refused at install (ssl.SSLError) or any error the
+    # answer's parser did not foresee ended the renewal task silently, and the certificate expired later.
+    clock = Clock()
+    outcomes: list[object] = [cert(1000.0, 100.0, "A"), ValueError("odd answer"), cert(1000.0, 100.0, "B"), None]
+    installed: list[str] = []
+
+    async def obtain() -> MeshCertificate:
+        outcome = outcomes.pop(0) if outcomes else None
+        if outcome is None:
+            raise asyncio.CancelledError
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, MeshCertificate)
+        return outcome
+
+    def install(c: MeshCertificate) -> None:
+        if c.serial == "B":
+            raise ssl.SSLError("bad bundle")
+        installed.append(c.serial)
+
+    renewal = Renewal(obtain, install, random.Random(3), clock, clock.sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await renewal.run(None)
+    assert installed == ["A"]
+    assert renewal.failures == 2  # the odd answer and the refused install: both retried with backoff
+    assert all(s <= 0.5 for s in clock.sleeps[2:4])
 
 
 def test_next_delay_is_never_a_busy_loop() -> None:
