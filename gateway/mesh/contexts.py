@@ -72,6 +72,11 @@ def bound_server_context(mode: MeshMode) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     harden(context)
     context.verify_mode = _VERIFY[mode]
+    # No session resumption: a resumed session is not verified again, so it would let a caller skip
+    # client-certificate verification (and keep an identity past its certificate). TLS 1.3 issues no tickets at
+    # all with num_tickets = 0 (OP_NO_TICKET alone only makes them stateful); OP_NO_TICKET covers TLS 1.2.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     return context
 
 
