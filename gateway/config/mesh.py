@@ -14,18 +14,22 @@ from gateway.config.schema import Fields, choice, matching, string
 from gateway.config.snapshot import MESH_MODES, MeshSettings
 from gateway.config.values import quote
 
-__all__ = ["MESH_KEYS", "compile_mesh", "mesh_identity", "spiffe_id"]
+__all__ = ["MESH_KEYS", "TRUST_DOMAIN", "compile_mesh", "mesh_identity", "spiffe_id"]
 
 MESH_KEYS = ("mtls", "trust_domain")
 _DEFAULT = MeshSettings()
 
-# SPIFFE trust domain names: lower-case letters, digits, ".", "-", "_" (the SPIFFE ID spec).
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
-_trust_domain = matching(_TRUST_DOMAIN, "trust domain", 'use lower-case letters, digits, ".", "-", "_"')
+# Trust domains are DNS-like and lower-case: labels of [a-z0-9-], dot-separated. The SPIFFE spec also allows "_",
+# but the config service's CA (which signs the identities) takes DNS names only, and one rule must hold on both.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+TRUST_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_trust_domain = matching(
+    TRUST_DOMAIN, "trust domain", 'a DNS-like name: lower-case letters, digits, "-", dot-separated'
+)
 _mode = choice(MESH_MODES, "mode")
 # A meshgate identity: spiffe://<trust domain>/service/<service name>; the service alphabet is the top-level one.
 _IDENTITY = re.compile(
-    r"spiffe://(?P<domain>[a-z0-9._-]{1,255})/service/(?P<service>[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?)"
+    rf"spiffe://(?P<domain>{TRUST_DOMAIN.pattern})/service/(?P<service>[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?)"
 )
 _IDENTITY_HINT = "spiffe://<trust domain>/service/<service name>"
 

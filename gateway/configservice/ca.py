@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.config.mesh import TRUST_DOMAIN
 from gateway.config.values import parse_duration
 
 __all__ = [
@@ -58,9 +59,8 @@ CA_VALIDITY: Final = datetime.timedelta(days=3650)
 # A gateway's clock may be a little behind the service's: a certificate is valid from a few minutes ago.
 BACKDATE: Final = datetime.timedelta(minutes=5)
 
-# DNS-like and lower-case, as SPIFFE requires of a trust domain: labels of [a-z0-9-], at most 253 characters.
-_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_TRUST_DOMAIN: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# The same rule as the gateway config's `mesh.trust_domain` (DNS-like), at most 253 characters.
+_TRUST_DOMAIN: Final = TRUST_DOMAIN
 _SERVICE: Final = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")  # as the gateway config's `service`
 _CURVES: Final = ("secp256r1", "secp384r1")
 _MIN_RSA_BITS: Final = 2048

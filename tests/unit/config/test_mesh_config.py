@@ -75,8 +75,14 @@ REJECTED = [
     case(mesh(mtls="STRICT"), 'mesh.mtls: unknown mode "STRICT" (one of strict, permissive, disabled)'),
     case(mesh(mtls="on"), 'mesh.mtls: unknown mode "on" (one of strict, permissive, disabled)'),
     case(
+        mesh(trust_domain="mesh_local"),  # SPIFFE allows "_", the CA signs DNS names only: refused on both sides
+        'mesh.trust_domain: invalid trust domain "mesh_local" '
+        '(a DNS-like name: lower-case letters, digits, "-", dot-separated)',
+    ),
+    case(
         mesh(trust_domain="Mesh Local"),
-        'mesh.trust_domain: invalid trust domain "Mesh Local" (use lower-case letters, digits, ".", "-", "_")',
+        'mesh.trust_domain: invalid trust domain "Mesh Local" '
+        '(a DNS-like name: lower-case letters, digits, "-", dot-separated)',
     ),
     case(mesh(mode="strict"), "mesh.mode: unknown key"),
     case(
