@@ -150,10 +150,11 @@ async def test_pushes_under_load_fail_no_request(fleet: Fleet, session: aiohttp.
         for extra in ("c1", "c2", "c3", "c4", "c5"):  # five versions, each swapped in under the load
             fleet.push("a1", "b1", extra)
             await all_serve(session, fleet, f"/{extra}/x", 200, within=2.0)
+            await asyncio.sleep(0.2)  # traffic on each version, not only across the swaps
     finally:
         stop.set()
         await asyncio.gather(*workers)
-    assert done > 100
+    assert done > 20  # the load really ran through every swap (how much depends on the machine)
     assert failures == []
 
 
