@@ -200,7 +200,8 @@ async def test_a_rotated_certificate_is_served_without_a_restart(stack: Stack) -
             return await _served_serial(stack) == rotated.serial
 
         await eventually(serial_is_new, 5.0, "new handshakes to get the rotated certificate")
-        assert log_events(stack.gw, "tls_certificate_reloaded")[-1]["serial"] == format(rotated.serial, "X")
+        reloaded = await _logged(stack.gw, "tls_certificate_reloaded", serial=format(rotated.serial, "X"))
+        assert reloaded
         async with session.get(stack.https + "/plain/anything") as response:
             assert response.status == 200
         assert stack.gw.process.poll() is None
@@ -222,6 +223,15 @@ async def test_a_rotated_certificate_is_served_without_a_restart(stack: Stack) -
         assert status == 200
 
 
+async def _logged(gw: Gateway, event: str, **fields: object) -> list[dict[str, Any]]:
+    """The gateway's ``event`` lines with these field values, waiting for one: lines reach the file in batches."""
+
+    async def found() -> list[dict[str, Any]]:
+        return [e for e in log_events(gw, event) if all(e.get(k) == v for k, v in fields.items())]
+
+    return await eventually(found, 5.0, f"a {event} log line with {fields}")
+
+
 # --- upstreams ------------------------------------------------------------------------------------------------------
 
 
@@ -237,8 +247,7 @@ async def test_upstream_tls_verified_against_the_configured_ca(stack: Stack) -> 
 async def test_a_wrong_ca_is_a_502_with_the_tls_failure_logged(stack: Stack) -> None:
     status, body = await _get(stack, "/wrong-ca/anything")
     assert (status, body["error"]) == (502, "upstream_unavailable")
-    failures = [e for e in log_events(stack.gw, "upstream_tls_failed") if e["upstream"] == "wrong-ca"]
-    assert failures
+    failures = await _logged(stack.gw, "upstream_tls_failed", upstream="wrong-ca")
     assert failures[-1]["error"] == "certificate verify failed: unable to get local issuer certificate"
     assert failures[-1]["endpoint"] == f"127.0.0.1:{stack.upstream_ports['ip']}"
 
@@ -257,7 +266,7 @@ async def test_server_name_is_sent_and_verified(stack: Stack) -> None:
     # Without server_name the endpoint's IP is checked, and this certificate names only orders.internal.
     status, body = await _get(stack, "/unnamed/anything")
     assert (status, body["error"]) == (502, "upstream_unavailable")
-    failure = [e for e in log_events(stack.gw, "upstream_tls_failed") if e["upstream"] == "unnamed"][-1]
+    failure = (await _logged(stack.gw, "upstream_tls_failed", upstream="unnamed"))[-1]
     assert failure["error"].startswith("certificate verify failed: IP address mismatch")
 
 
