@@ -63,7 +63,11 @@ class ConfigService:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        wait_http(f"{self.url}/healthz", process=self.process)
+        try:
+            wait_http(f"{self.url}/healthz", process=self.process)
+        except BaseException:
+            self.stop()  # never leave a half-started service behind a failed fixture
+            raise
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
