@@ -34,7 +34,7 @@ from gateway.config.snapshot import Address, Limits, RateLimitService, Route, Sn
 from gateway.config.telemetry import compile_telemetry
 from gateway.config.tls import LISTENER_TLS_KEYS, compile_listener_tls, moved_into_tls
 
-__all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "compile_document", "compile_text"]
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "SERVICE_NAME", "compile_document", "compile_text"]
 
 DEFAULT_LISTEN = Address("127.0.0.1", 8080)
 DEFAULT_ADMIN = Address("127.0.0.1", 9901)
@@ -63,9 +63,9 @@ EscapedSlashes = Literal["unescape", "reject", "keep"]
 ESCAPED_SLASHES: tuple[EscapedSlashes, ...] = ("unescape", "reject", "keep")
 
 # The service name is service.name in telemetry and part of mesh identities: DNS-label-like.
-_SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+SERVICE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _SERVICE_HINT = 'use lower-case letters, digits, ".", "_", "-"; start and end with a letter or digit'
-_service = matching(_SERVICE, "service name", _SERVICE_HINT)
+_service = matching(SERVICE_NAME, "service name", _SERVICE_HINT)
 # Redis key prefixes: several gateway fleets may share one Redis, each under its own prefix.
 _PREFIX = re.compile(r"[A-Za-z0-9:_-]+")
 _prefix = matching(_PREFIX, "prefix", 'use letters, digits, ":", "_", "-"')

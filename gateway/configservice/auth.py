@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Final, Literal
 
 import yaml
 
+from gateway.config.compile import SERVICE_NAME
 from gateway.config.errors import ConfigError, Problem
 
 __all__ = [
@@ -44,7 +44,7 @@ Access = Literal["read", "register", "write"]
 
 # Short tokens can be guessed; generated ones are 43 characters (32 random bytes).
 _MIN_TOKEN_LENGTH: Final = 16
-_SERVICE: Final = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")  # as the gateway config's `service`
+_SERVICE: Final = SERVICE_NAME  # services are named as in the gateway config
 _KEYS: Final = ("name", "token", "role", "service")
 
 

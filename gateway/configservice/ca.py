@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.config.compile import SERVICE_NAME
 from gateway.config.mesh import TRUST_DOMAIN
 from gateway.config.values import parse_duration
 
@@ -61,7 +61,7 @@ BACKDATE: Final = datetime.timedelta(minutes=5)
 
 # The same rule as the gateway config's `mesh.trust_domain` (DNS-like), at most 253 characters.
 _TRUST_DOMAIN: Final = TRUST_DOMAIN
-_SERVICE: Final = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")  # as the gateway config's `service`
+_SERVICE: Final = SERVICE_NAME  # services are named as in the gateway config
 _CURVES: Final = ("secp256r1", "secp384r1")
 _MIN_RSA_BITS: Final = 2048
 

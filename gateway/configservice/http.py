@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
+from gateway.config.compile import SERVICE_NAME
 from gateway.config.errors import Problem
 from gateway.config.values import parse_duration
 from gateway.configservice.auth import Access, Token, TokenSet
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 MAX_WAIT: Final = 60.0  # a long-poll never outlives common proxy and load-balancer idle timeouts (60 s and up)
-_SERVICE: Final = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")  # as the gateway config's `service`
+_SERVICE: Final = SERVICE_NAME  # services are named as in the gateway config
 _NAME: Final = re.compile(r"[A-Za-z0-9._-]+")  # bundle names, instance ids
 _MAX_NAME: Final = 128
 
