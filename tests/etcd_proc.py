@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import free_port
+from tests.procs import free_port, terminate
 
 __all__ = ["EtcdServer", "etcd_server", "healthy"]
 
@@ -101,15 +100,7 @@ class EtcdServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the member by PID (SIGTERM, then SIGKILL) and wait for it; a no-op when not running."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGCONT)  # a paused member cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, timeout)
 
     def _log_tail(self) -> str:
         try:

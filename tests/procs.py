@@ -73,6 +73,20 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
         raise
 
 
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """Stop a server process by PID: SIGCONT (a paused one cannot act on SIGTERM), SIGTERM, then SIGKILL after
+    ``timeout``; a no-op when it is not running. Unlike ``stop``, never raises: for helpers' cleanup paths."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def upstream(
     name: str = "a",

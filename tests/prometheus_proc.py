@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.procs import free_port
+from tests.procs import free_port, terminate
 
 __all__ = ["Prometheus", "prometheus_server", "wait_until"]
 
@@ -162,14 +161,7 @@ class Prometheus:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM by PID, then SIGKILL; a no-op when not running."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, timeout)
 
     def _log_tail(self) -> str:
         try:

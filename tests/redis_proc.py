@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config.snapshot import Address
-from tests.procs import free_port
+from tests.procs import free_port, terminate
 
 __all__ = ["RedisServer", "ping", "redis_server"]
 
@@ -89,15 +89,7 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server by PID (SIGTERM, then SIGKILL) and wait for it; a no-op when not running."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, timeout)
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing is answered (a hung Redis)."""
