@@ -153,6 +153,7 @@ async def run_gateway(config_path: Path, *, reuse_port: bool = False, peers: Pee
             certificate.configure(new.tls)  # other files or min_version: new handshakes use them (checked already)
 
     policies = Policies()
+    metrics.bundle_revisions(policies.revision_rows)
     store = SnapshotStore(upstreams, metrics, publish, policies)
     source: FileSource | RemoteSource
     if bootstrap is None:

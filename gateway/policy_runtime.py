@@ -34,6 +34,7 @@ from policy.engine_remote import RemoteEngine
 from policy.jwks import JwksKeys, KeySource, StaticKeys
 from policy.settings import AuthnSettings, AuthzSettings, CacheSettings, EngineSettings
 from policy.token_cache import VerifiedTokens
+from telemetry.metrics import StateRow
 
 __all__ = [
     "AuthnRuntime",
@@ -195,6 +196,15 @@ class Policies:
     @property
     def current(self) -> PolicyRuntime:
         return self._current
+
+    def revision_rows(self) -> list[StateRow]:
+        """``(policy, revision)`` of each loaded decision path, for ``meshgate_authz_bundle_info`` (an OPA path
+        shows the revision OPA reported with its latest decision, nothing before the first)."""
+        authz = self._current.authz
+        if authz is None:
+            return []
+        paths = (("primary", authz.primary), ("shadow", authz.shadow))
+        return [((role, path.engine.revision), 1.0) for role, path in paths if path and path.engine.revision]
 
     async def apply(self, snapshot: Snapshot) -> PolicyRuntime:
         """The runtime for ``snapshot``, reusing what did not change; ConfigError (nothing changed) if a bundle

@@ -18,8 +18,10 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "AUTHZ_BUCKETS",
+    "DENIAL_REASONS",
     "DURATION_BUCKETS",
     "PUSH_TO_APPLIED_BUCKETS",
+    "CappedLabel",
     "ConfigServiceMetrics",
     "Labelled",
     "Metrics",
@@ -58,6 +60,42 @@ class Labelled(Generic[M]):
         if child is None:
             child = self._children[values] = self.family.labels(*values)
         return child
+
+
+# A policy's deny reason is text its author writes: bounded in practice (one per rule), not by construction. A
+# policy that put a user name or a path in its reason would otherwise grow a series per request.
+DENIAL_REASONS = 50
+OTHER = "other"
+REASON_CHARS = 120
+
+
+class CappedLabel:
+    """``http_route`` x a free-text ``reason`` counter that keeps at most ``cap`` distinct reasons: later ones are
+    counted under ``other`` (Envoy does the same for stat tags it cannot bound)."""
+
+    __slots__ = ("_cap", "_children", "_reasons", "family")
+
+    def __init__(self, family: Counter, cap: int) -> None:
+        self.family = family
+        self._cap = cap
+        self._reasons: set[str] = set()
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def inc(self, route: str, reason: str) -> None:
+        child = self._children.get((route, reason))
+        if child is None:
+            label = reason[:REASON_CHARS] or "unspecified"
+            if label not in self._reasons:
+                if len(self._reasons) >= self._cap:
+                    label = OTHER
+                else:
+                    self._reasons.add(label)
+            child = self.family.labels(route, label)
+            # Cache only reasons that got their own label: an overflowing reason is not remembered per route, so
+            # a policy that puts ids in its reasons cannot grow this dict either.
+            if label != OTHER:
+                self._children[(route, reason)] = child
+        child.inc()
 
 
 class Metrics:
@@ -139,6 +177,16 @@ class Metrics:
                 registry=r,
             )
         )
+        self.authz_denials = CappedLabel(
+            Counter(
+                "meshgate_authz_denials_total",
+                "Requests the policy denied, by route and the policy's own reason (its first "
+                f"{DENIAL_REASONS} distinct reasons per process; later ones count as {OTHER!r}).",
+                ["http_route", "reason"],
+                registry=r,
+            ),
+            DENIAL_REASONS,
+        )
         self.authz_duration = Labelled(
             Histogram(
                 "meshgate_authz_duration_seconds",
@@ -179,6 +227,22 @@ class Metrics:
                 "Requests answered by a route's fallback (cluster or static response).",
                 ["http_route", "kind"],
                 registry=r,
+            )
+        )
+
+    def bundle_revisions(self, rows: Callable[[], Iterable[StateRow]]) -> None:
+        """Register ``meshgate_authz_bundle_info{policy, revision}``: 1 per loaded policy (``primary``,
+        ``shadow``), read at scrape time so a bundle reload shows at once and the old revision's series goes."""
+        self.registry.register(
+            _StateGauges(
+                (
+                    (
+                        "meshgate_authz_bundle_info",
+                        "1 for each policy the gateway decides with, labelled with its bundle revision.",
+                        ("policy", "revision"),
+                        rows,
+                    ),
+                )
             )
         )
 

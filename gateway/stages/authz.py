@@ -90,6 +90,7 @@ class AuthzStage:
             self._failing = False
             log.info("policy_error_recovered", decision_id=decision_id)
         if not decision.allowed:
+            self._metrics.authz_denials.inc(route.name, decision.reason or "")
             raise _deny(decision)
         if decision.request_headers_to_remove:
             ctx.request_remove = (*ctx.request_remove, *decision.request_headers_to_remove)

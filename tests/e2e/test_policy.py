@@ -371,7 +371,12 @@ async def test_bundle_change_is_never_answered_from_the_old_cache(
         await eventually(reloaded, 10, "the bundle reload")
         status, _, _ = await call(f"{gw.url}/orders/1", token)
         assert status == 403
-        assert metric_sum(await scrape(gw), "meshgate_authz_decisions_total", decision="deny", cache="miss") == 1
+        exposition = await scrape(gw)
+        assert metric_sum(exposition, "meshgate_authz_decisions_total", decision="deny", cache="miss") == 1
+        assert metric_sum(exposition, "meshgate_authz_denials_total", http_route="orders") == 1
+        # The revision the dashboards show follows the reload; the old one's series is gone, not left at 1.
+        assert metric_sum(exposition, "meshgate_authz_bundle_info", policy="primary", revision="r2") == 1
+        assert metric_sum(exposition, "meshgate_authz_bundle_info", revision="r1") == 0
 
 
 async def test_broken_bundle_on_disk_keeps_the_last_good_policy(
