@@ -29,8 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True, type=Path, help="gateway config file (YAML or JSON)")
 
-    demo = commands.add_parser("demo", help="start a local stack: two demo upstreams and a gateway in front")
-    demo.add_argument("-c", "--config", type=Path, default=None, help="gateway config (default examples/gateway.yaml)")
+    demo = commands.add_parser(
+        "demo",
+        help="start the compose topology as local processes: config service, demo services, sidecars, Prometheus",
+        description="Run compose/ without Docker (see docs/compose.md). Ctrl-C stops everything.",
+    )
+    demo.add_argument(
+        "--data", type=Path, default=Path("meshgate-demo"), help="working files and logs (default ./meshgate-demo)"
+    )
+    demo.add_argument("--traffic", action="store_true", help="also send a steady request mix (gateway.demo.traffic)")
+    demo.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
+    demo.add_argument(
+        "--scrape-interval", default=None, metavar="DURATION", help="Prometheus scrape interval (default 5s)"
+    )
 
     add_configservice_command(commands)
     add_policy_commands(commands)
@@ -58,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_configservice_command(args)
         if args.command == "policy":
             return run_policy_command(args)
-        from gateway.demo import run_demo
+        from gateway.demo.stack import DemoOptions, run_demo
 
-        return run_demo(args.config)
+        options = DemoOptions(args.data, args.traffic, not args.no_prometheus, args.scrape_interval)
+        return run_demo(options)
     except KeyboardInterrupt:
         return 130
 

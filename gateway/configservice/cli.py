@@ -71,6 +71,14 @@ def add_configservice_command(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DURATION",
         help="lifetime of issued certificates, 5m..30d (e.g. 12h, 7d; default 24h)",
     )
+    parser.add_argument(
+        "--seed",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="on start-up, store DIR/bundles/NAME/ and DIR/services/SERVICE.yaml where the service has none yet "
+        "(an invalid file stops the service)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return parser
 
@@ -118,5 +126,6 @@ def run_configservice_command(args: argparse.Namespace) -> int:
         ca_trust=tuple(args.ca_trust),
         trust_domain=args.trust_domain,
         cert_ttl=args.cert_ttl,
+        seed=args.seed,
     )
     return run_configservice(settings)

@@ -36,10 +36,10 @@ from gateway.configservice.http import (
     read_body,
     wait_seconds,
 )
-from gateway.configservice.store import ConfigVersion
+from gateway.configservice.store import ConfigVersion, VersionInfo
 from gateway.configservice.validate import check_config, check_config_bundles
 
-__all__ = ["CONFIG_LIMIT", "add_config_routes", "config_etag"]
+__all__ = ["CONFIG_LIMIT", "add_config_routes", "check_push", "config_etag", "store_checked"]
 
 CONFIG_LIMIT: Final = 4 * 1024 * 1024  # far above any real config; a config is compiled, and held, whole
 
@@ -89,15 +89,15 @@ async def rollback(request: web.Request) -> web.Response:
     return await _store(state, service, old.document, token.name, rollback_of=number)
 
 
-async def _store(
-    state: ApiState, service: str, document: object, author: str, *, rollback_of: int | None
-) -> web.Response:
+async def check_push(state: ApiState, service: str, document: object) -> tuple[Mapping[str, Any], list[Problem]]:
+    """``document`` in its stored form (canonical JSON) and every problem a push of it has: the gateway's compiler,
+    the bundles it names (stored here, and loadable with its cache key). Stored only if the list is empty."""
     try:
-        # The stored form (canonical JSON) is what gets checked, hashed and served: YAML-only shapes (integer keys)
-        # become what a JSON reader sees.
+        # The stored form is what gets checked, hashed and served: YAML-only shapes (integer keys) become what a
+        # JSON reader sees.
         document = json.loads(json.dumps(document, allow_nan=False))
     except ValueError as error:
-        return _rejected(state, service, author, [Problem(DOCUMENT, f"not representable as JSON: {error}")])
+        return {}, [Problem(DOCUMENT, f"not representable as JSON: {error}")]
     checked = check_config(service, document, trust_domain=state.trust_domain)
     problems = list(checked.problems)
     bundles: dict[str, bytes] = {}
@@ -111,8 +111,15 @@ async def _store(
         # Loading a bundle is CPU work (parsing Rego): off the event loop.
         problems = await asyncio.to_thread(check_config_bundles, checked.snapshot, bundles)
     if problems:
-        return _rejected(state, service, author, problems)
-    assert isinstance(document, Mapping)
+        return {}, problems
+    assert isinstance(document, Mapping)  # check_config refuses anything else
+    return document, []
+
+
+async def store_checked(
+    state: ApiState, service: str, document: Mapping[str, Any], author: str, *, rollback_of: int | None = None
+) -> tuple[VersionInfo, bool]:
+    """Store a document ``check_push`` passed; ``(version, created)`` (not created: equal to the latest)."""
     info, created = await state.store.put_config(
         service, document, canonical_hash(document), author, rollback_of=rollback_of
     )
@@ -121,6 +128,16 @@ async def _store(
     state.metrics.latest_version.labels(service).set(info.version)
     event = "config_stored" if created else "config_unchanged"
     log.info(event, service_name=service, version=info.version, author=author, rollback_of=rollback_of)
+    return info, created
+
+
+async def _store(
+    state: ApiState, service: str, document: object, author: str, *, rollback_of: int | None
+) -> web.Response:
+    checked, problems = await check_push(state, service, document)
+    if problems:
+        return _rejected(state, service, author, problems)
+    info, created = await store_checked(state, service, checked, author, rollback_of=rollback_of)
     if not created:
         return json_response({"version": info.version, "unchanged": True})
     body: dict[str, Any] = {"version": info.version}

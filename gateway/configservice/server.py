@@ -35,6 +35,7 @@ from gateway.configservice.ca import (
     load_trusted,
 )
 from gateway.configservice.http import ApiState
+from gateway.configservice.seed import SeedError, seed
 from gateway.configservice.store import ConfigStore
 from gateway.configservice.store_sqlite import SqliteStore, StoreBusy
 from gateway.configservice.token_reload import TokenReloader, file_identity
@@ -70,6 +71,7 @@ class ServiceSettings:
     ca_trust: tuple[Path, ...] = ()  # trusted (served by /v1/ca) but not used to sign: CA rotation
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     cert_ttl: datetime.timedelta = DEFAULT_TTL
+    seed: Path | None = None  # configs and bundles stored on start-up where the service has none (seed.py)
 
     @property
     def tokens_file(self) -> Path:
@@ -115,6 +117,14 @@ async def serve(settings: ServiceSettings, *, ready: asyncio.Event | None = None
         return 1
 
     state = ApiState(store, tokens, ConfigServiceMetrics(), trust_domain=settings.trust_domain)
+    if settings.seed is not None:
+        try:
+            seeded = await seed(state, settings.seed)
+        except SeedError as error:
+            print(str(error), file=sys.stderr)
+            await store.close()
+            return 1
+        log.info("seed_applied", seed=str(settings.seed), stored=seeded)
     reloader = TokenReloader(settings.tokens_file, state, seen)
     runner = web.AppRunner(
         build_app(state, ca),

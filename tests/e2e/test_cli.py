@@ -1,24 +1,15 @@
-"""e2e: the ``meshgate`` command line as users run it: ``check``, usage errors, ``python -m gateway``, ``demo``."""
+"""e2e: the ``meshgate`` command line as users run it: ``check``, usage errors, ``python -m gateway``
+(``demo`` is ``test_demo.py``)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from gateway.config.sources.file import read_config
-from gateway.demo import UPSTREAMS
 from tests.procs import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -135,92 +126,3 @@ def test_help_exits_0() -> None:
         assert command in result.stdout
 
 
-# --- demo -------------------------------------------------------------------------------------------------------
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def get(url: str) -> tuple[int, dict[str, str]] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def test_demo_starts_the_stack_and_sigterm_stops_all_of_it(tmp_path: Path) -> None:
-    snapshot = read_config(EXAMPLE)
-    wanted = [(snapshot.listen.host, snapshot.listen.port), (snapshot.admin.host, snapshot.admin.port)]
-    wanted += [("127.0.0.1", port) for _, port in UPSTREAMS]
-    busy = [f"{host}:{port}" for host, port in wanted if port_in_use(host, port)]
-    if busy:
-        pytest.skip(f"meshgate demo needs fixed ports, in use here: {', '.join(busy)}")
-
-    output = tmp_path / "demo.out"
-    env = {**os.environ, "MESHGATE_DEMO_LOG": str(tmp_path / "demo.log"), "PYTHONUNBUFFERED": "1"}
-    with output.open("wb") as out:
-        demo = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "demo"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
-        )
-    started: set[int] = set()
-    try:
-        # The banner is printed once the gateway is ready, right before the demo starts watching for SIGTERM.
-        wait_until(lambda: demo.poll() is not None or "Ctrl-C stops everything" in output.read_text(), 30, "banner")
-        assert demo.poll() is None, output.read_text()
-        answer = get(f"http://{snapshot.listen}/api/v1/things")
-        assert answer is not None
-        status, headers = answer
-        assert status == 200
-        assert headers["x-upstream-instance"] in {name for name, _ in UPSTREAMS}
-        ready = get(f"http://{snapshot.admin}/readyz")
-        assert ready is not None
-        assert ready[0] == 200
-        started = children(demo.pid)
-        assert len(started) == len(UPSTREAMS) + 1  # the upstreams and the gateway
-
-        demo.send_signal(signal.SIGTERM)
-        assert demo.wait(timeout=30) == 0
-        wait_until(lambda: not any(alive(pid) for pid in started), 5, "every demo process to exit")
-        assert get(f"http://{snapshot.listen}/api/v1/things") is None  # nothing answers any more
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        for pid in started:  # only processes this demo started, should the test fail half-way
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
