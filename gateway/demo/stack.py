@@ -230,7 +230,7 @@ def _banner(options: DemoOptions, started: list[str]) -> str:
         lines.append("  Prometheus         http://127.0.0.1:9090   dashboards' queries: grafana/dashboards/*.json")
     lines += [f"  logs (JSON lines)  {data / 'logs'}", ""]
     lines += _try_lines("traces" in started)
-    lines += ["", *_example(data / "logs"), ""]
+    lines += ["", *_example(data / "logs", "traces" in started), ""]
     if "traffic" in started:
         lines.append("Traffic is flowing (allowed, denied, rate-limited, retried): see logs/traffic.log.")
     lines.append("Ctrl-C stops everything.")
@@ -255,7 +255,7 @@ def _try_lines(traces: bool) -> list[str]:
     return lines
 
 
-def _example(logs: Path) -> list[str]:
+def _example(logs: Path, traces: bool) -> list[str]:
     """One real denial, made now, so the reader sees its decision id, reason and trace id without typing."""
     try:
         with urllib.request.urlopen(f"{IDP}/token?sub=bob", timeout=5) as response:
@@ -269,12 +269,14 @@ def _example(logs: Path) -> list[str]:
     except (OSError, ValueError) as error:
         return [f"(the example request failed: {error})"]
     trace = body.get("trace_id")
-    return [
+    lines = [
         f"Just now, bob was denied: HTTP {status} decision_id={body.get('decision_id')}",
         f"  reason: {body.get('message')}",
-        f"  trace:  http://127.0.0.1:16686/api/traces/{trace}",
         f"  log:    grep {body.get('decision_id')} {logs / 'orders-sidecar.log'}   (access and decision log lines)",
     ]
+    if traces:
+        lines.insert(2, f"  trace:  http://127.0.0.1:16686/api/traces/{trace}")
+    return lines
 
 
 def _module_exists(name: str) -> bool:
