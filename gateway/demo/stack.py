@@ -83,6 +83,10 @@ def run_demo(options: DemoOptions) -> int:
     except DemoError as error:
         print(f"meshgate demo: {error}", file=sys.stderr, flush=True)
         return 1
+    except OSError as error:  # the data directory cannot be written, a program cannot be started
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"meshgate demo: {where}{error.strerror or error}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
@@ -116,7 +120,7 @@ def _prepare(options: DemoOptions) -> list[Process]:
     if skipped:
         print("meshgate demo: ports in use, so these run without their part: " + ", ".join(skipped), flush=True)
     plan: list[Process] = []
-    if _module_exists("traces") and not any(_in_use(port) for port in (4318, 16686)):
+    if not any(_in_use(port) for port in (4318, 16686)):
         argv = [PYTHON, "-m", "gateway.demo.traces", "--otlp", "127.0.0.1:4318", "--query", "127.0.0.1:16686"]
         plan.append(Process("traces", argv, "http://127.0.0.1:16686/api/services"))
     redis = shutil.which("redis-server")
@@ -277,10 +281,6 @@ def _example(logs: Path, traces: bool) -> list[str]:
     if traces:
         lines.insert(2, f"  trace:  http://127.0.0.1:16686/api/traces/{trace}")
     return lines
-
-
-def _module_exists(name: str) -> bool:
-    return (Path(__file__).parent / f"{name}.py").exists()
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:

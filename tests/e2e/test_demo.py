@@ -132,3 +132,20 @@ def test_demo_names_the_ports_it_cannot_have_and_starts_nothing(tmp_path: Path) 
     assert "ports in use: IdP 127.0.0.1:7777" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "demo" / "logs").exists()
+
+
+def test_demo_with_an_unusable_data_directory_says_which_and_exits_1(tmp_path: Path) -> None:
+    busy = [port for port in PORTS.values() if port_in_use(port)]
+    if busy:
+        pytest.skip(f"meshgate demo needs fixed ports, in use here: {busy}")
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--data", str(not_a_directory)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"meshgate demo: {not_a_directory}/logs: Not a directory\n"
