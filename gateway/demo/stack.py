@@ -113,7 +113,7 @@ def _prepare(options: DemoOptions) -> list[Process]:
     for service in GATEWAYS:
         bootstrap = localize(_yaml(COMPOSE / "gateways" / f"{service}.yaml"))
         bootstrap["config_service"]["token_file"] = str(data / "tokens" / f"{service}.token")
-        bootstrap["config_service"]["cache_dir"] = str(data / "cache" / service)
+        bootstrap["config_service"]["cache_dir"] = str(data / "cache")  # the gateway adds its service's directory
         (data / "gateways" / f"{service}.json").write_text(json.dumps(bootstrap, indent=2))
 
     skipped = [f"{what} 127.0.0.1:{port}" for what, port in OPTIONAL_PORTS.items() if _in_use(port)]

@@ -62,8 +62,8 @@ def test_check_validates_a_bootstrap_alone(tmp_path: Path) -> None:
     done = check(path)
     assert (done.returncode, done.stdout, done.stderr) == (
         0,
-        "ok (bootstrap: the rest comes from http://127.0.0.1:7000)\n",
-        "",
+        "ok\n",
+        "note: a bootstrap file: the routes and the rest come from http://127.0.0.1:7000\n",
     )
     (tmp_path / "gw.token").unlink()
     done = check(path)

@@ -2,7 +2,8 @@
 #
 # What it would change: orders.admin no longer implies reading orders, reads need orders.read itself. Before
 # enforcing it, the shadow run shows who it would lock out: every request where it disagrees with the enforced
-# policy counts in meshgate_authz_shadow_disagreements_total and logs a "shadow_decision" line with the decision id.
+# policy counts in meshgate_authz_shadow_disagreements_total, and each shadow decision is logged (event "decision",
+# "shadow": true) with the enforced outcome beside its own, under the request's decision id.
 package meshgate.candidate
 
 import rego.v1
