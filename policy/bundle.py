@@ -209,8 +209,9 @@ def _assemble(files: dict[str, bytes], source: str) -> Bundle:
         text = _text(name, files[name])
         if name.endswith(".rego"):
             (tests if name.endswith("_test.rego") else modules).append((name, text))
-            if not name.endswith("_test.rego"):
-                _check_package_root(name, text, roots)
+            # Tests too: OPA loads a bundle's test files as modules, so a test package outside the roots makes a
+            # real OPA refuse the bundle that the embedded engine (which leaves tests out) would have taken.
+            _check_package_root(name, text, roots)
             continue
         at = tuple(PurePosixPath(name).parent.parts)
         document = _document(name, text, root=not at)

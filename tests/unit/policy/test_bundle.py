@@ -259,6 +259,16 @@ def test_unsafe_tar_members_are_rejected(
             "p.rego: package other is outside the manifest roots ['app']",
             id="package-outside-roots",
         ),
+        pytest.param(
+            {
+                "app/p.rego": POLICY,
+                "app/p_test.rego": "package app_test\ntest_x := true\n",
+                ".manifest": '{"roots": ["app"]}',
+            },
+            # OPA loads test files as modules: it would refuse this bundle, so meshgate does too.
+            "app/p_test.rego: package app_test is outside the manifest roots ['app']",
+            id="test-package-outside-roots",
+        ),
     ],
 )
 def test_rejected_bundles_name_the_file(tmp_path: Path, files: dict[str, str], message: str) -> None:
