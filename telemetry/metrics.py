@@ -137,6 +137,10 @@ class Metrics:
         self.config_reloads = Labelled(
             Counter("meshgate_config_reloads_total", "Config reload attempts by result.", ["result"], registry=r)
         )
+        for result in ("applied", "rejected"):
+            # Exported at 0 from the start: rate() and increase() cannot count a counter's first sample, so the
+            # first rejected config would otherwise never show on a dashboard.
+            self.config_reloads.labels(result)
         # Resilience.
         self.retries = Labelled(
             Counter("meshgate_upstream_retries_total", "Upstream attempts beyond the first.", ["upstream"], registry=r)

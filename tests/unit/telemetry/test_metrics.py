@@ -1,4 +1,4 @@
-"""``meshgate_authz_denials_total``: the policy's free-text reasons are labels, but never more than the cap."""
+"""Metric families with rules of their own: capped denial reasons; reload results exported from the start."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def test_long_reasons_are_cut() -> None:
     metrics.authz_denials.inc("r", "x" * 500)
     [(_, reason)] = _samples(metrics)
     assert reason == "x" * 120
+
+
+def test_both_reload_results_are_exported_at_zero_before_any_reload() -> None:
+    # rate()/increase() cannot count a series' first sample: a first rejected config must not be invisible.
+    metrics = Metrics(CollectorRegistry())
+    for result in ("applied", "rejected"):
+        assert metrics.registry.get_sample_value("meshgate_config_reloads_total", {"result": result}) == 0.0
