@@ -223,11 +223,13 @@ async def test_a_new_bundle_changes_decisions_on_the_next_request_after_the_pull
 
     publish("a1", "p1")
     fleet.push("a1", "b2", extra={"authz": {"bundle": "authz"}})
-    await all_serve(session, fleet, "/b2/x", 403, within=3.0)
+    # A bound, not a speed claim (bundle_refresh is 200ms; the push-to-applied timing is bench/'s job): generous
+    # enough for a loaded 2-core CI machine.
+    await all_serve(session, fleet, "/b2/x", 403, within=10.0)
     for gw in fleet.gateways:
         assert await status(session, f"{gw.url}/a1/x") == 200
     publish("b2", "p2")
-    await all_serve(session, fleet, "/b2/x", 200, within=3.0)
+    await all_serve(session, fleet, "/b2/x", 200, within=10.0)
     for gw in fleet.gateways:
         assert await status(session, f"{gw.url}/a1/x") == 403
 
@@ -246,7 +248,7 @@ async def test_registry_discovery_follows_instances_under_load(
     )
     config["clusters"].append({"name": "backend", "discovery": {"registry": "backend"}})
     fleet.service.push(SERVICE, config)
-    await all_serve(session, fleet, "/reg/x", 200, within=3.0)
+    await all_serve(session, fleet, "/reg/x", 200, within=10.0)
 
     failures: list[int] = []
     seen: set[str] = set()
