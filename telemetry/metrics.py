@@ -82,19 +82,17 @@ class CappedLabel:
         self._children: dict[tuple[str, str], Counter] = {}
 
     def inc(self, route: str, reason: str) -> None:
-        child = self._children.get((route, reason))
+        label = reason[:REASON_CHARS] or "unspecified"
+        if label not in self._reasons:
+            if len(self._reasons) >= self._cap:
+                label = OTHER
+            else:
+                self._reasons.add(label)
+        # Keyed by the label, never the raw reason: the cache holds at most (routes x (cap + 1)) children, whatever
+        # a policy puts in its reasons.
+        child = self._children.get((route, label))
         if child is None:
-            label = reason[:REASON_CHARS] or "unspecified"
-            if label not in self._reasons:
-                if len(self._reasons) >= self._cap:
-                    label = OTHER
-                else:
-                    self._reasons.add(label)
-            child = self.family.labels(route, label)
-            # Cache only reasons that got their own label: an overflowing reason is not remembered per route, so
-            # a policy that puts ids in its reasons cannot grow this dict either.
-            if label != OTHER:
-                self._children[(route, reason)] = child
+            child = self._children[(route, label)] = self.family.labels(route, label)
         child.inc()
 
 

@@ -89,9 +89,12 @@ async def rollback(request: web.Request) -> web.Response:
     return await _store(state, service, old.document, token.name, rollback_of=number)
 
 
-async def check_push(state: ApiState, service: str, document: object) -> tuple[Mapping[str, Any], list[Problem]]:
+async def check_push(
+    state: ApiState, service: str, document: object, *, pending: Mapping[str, bytes] | None = None
+) -> tuple[Mapping[str, Any], list[Problem]]:
     """``document`` in its stored form (canonical JSON) and every problem a push of it has: the gateway's compiler,
-    the bundles it names (stored here, and loadable with its cache key). Stored only if the list is empty."""
+    the bundles it names (stored here, or in ``pending``: about to be, and loadable with its cache key). Stored
+    only if the list is empty."""
     try:
         # The stored form is what gets checked, hashed and served: YAML-only shapes (integer keys) become what a
         # JSON reader sees.
@@ -102,11 +105,12 @@ async def check_push(state: ApiState, service: str, document: object) -> tuple[M
     problems = list(checked.problems)
     bundles: dict[str, bytes] = {}
     for where, name in checked.bundles:
-        record = await state.store.get_bundle(name)
-        if record is None:
-            problems.append(Problem(where, f"no bundle named {name!r} in the config service (PUT /v1/bundles/{name})"))
-        else:
+        if pending and name in pending:
+            bundles[name] = pending[name]
+        elif (record := await state.store.get_bundle(name)) is not None:
             bundles[name] = record.data
+        else:
+            problems.append(Problem(where, f"no bundle named {name!r} in the config service (PUT /v1/bundles/{name})"))
     if not problems and checked.snapshot is not None and bundles:
         # Loading a bundle is CPU work (parsing Rego): off the event loop.
         problems = await asyncio.to_thread(check_config_bundles, checked.snapshot, bundles)

@@ -5,8 +5,9 @@ bundle of that name exists; then ``DIR/services/<service>.yaml`` (``.yml``, ``.j
 ``service`` unless it has a version. Existing data always wins: a restart never overwrites what an operator pushed
 since, so the seed is only a first state (the way a compose deployment starts with its configs in place).
 
-A seed is checked exactly like a push (the gateway's compiler, the bundles it names), and one bad file stops the
-service before it listens: ``SeedError`` lists every problem prefixed with its file.
+A seed is checked exactly like a push (the gateway's compiler, the bundles it names), all of it before anything is
+stored: a bad seed stops the service before it listens, stores nothing, and ``SeedError`` lists every problem
+prefixed with its file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from gateway.config.bootstrap import is_bundle_name
 from gateway.config.compile import SERVICE_NAME
 from gateway.config.document import load_text
 from gateway.config.errors import DOCUMENT, ConfigError, Problem
@@ -29,17 +33,17 @@ from gateway.configservice.validate import check_bundle
 from policy.bundle import build_tarball
 from policy.engine import PolicyLoadError
 
-__all__ = ["SEED_AUTHOR", "SeedError", "SeedFiles", "read_seed", "seed"]
+__all__ = ["CONFIG_SUFFIXES", "SEED_AUTHOR", "SeedError", "SeedFiles", "read_seed", "seed"]
 
 SEED_AUTHOR = "seed"
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _TARBALL = ".tar.gz"
 
 log = structlog.get_logger("meshgate.configservice")
 
 
 class SeedError(Exception):
-    """The seed directory has problems; nothing after the first bad file was stored."""
+    """The seed directory has problems; nothing was stored."""
 
     def __init__(self, problems: list[Problem]) -> None:
         super().__init__("\n".join(str(problem) for problem in problems))
@@ -56,51 +60,85 @@ class SeedFiles:
 
 
 async def seed(state: ApiState, directory: Path) -> list[str]:
-    """Store what ``directory`` holds and the service lacks; the names stored (``bundle NAME``, ``service NAME``)."""
+    """Store what ``directory`` holds and the service lacks; the names stored (``bundle NAME``, ``service NAME``).
+
+    Everything to be stored is checked before anything is: a ``SeedError`` leaves the store as it was."""
     files = await asyncio.to_thread(read_seed, directory)
-    stored: list[str] = []
-    # Bundles first: a seeded config may name them.
+    problems: list[Problem] = []
+    bundles: list[BundleRecord] = []
     for name, path, data in files.bundles:
-        if await state.store.get_bundle(name) is None:
-            await _seed_bundle(state, name, path, data)
-            stored.append(f"bundle {name}")
+        if await state.store.get_bundle(name) is not None:
+            continue
+        bundle, found = await asyncio.to_thread(check_bundle, data)
+        problems += [_in_file(path, problem) for problem in found]
+        if bundle is not None:
+            digest = hashlib.sha256(data).hexdigest()
+            bundles.append(BundleRecord(name, data, digest, bundle.revision, SEED_AUTHOR, state.clock()))
+    pending = {record.name: record.data for record in bundles}  # a seeded config may name a seeded bundle
+    services: list[tuple[str, Path, Mapping[str, Any]]] = []
     for service, path, document in files.services:
-        if await state.store.latest(service) is None:
-            checked, problems = await check_push(state, service, document)
-            if problems:
-                raise SeedError([_in_file(path, problem) for problem in problems])
-            info, _created = await store_checked(state, service, checked, SEED_AUTHOR)
-            log.info("config_seeded", service_name=service, version=info.version, source=str(path))
-            stored.append(f"service {service}")
-    return stored
+        if await state.store.latest(service) is not None:
+            continue
+        checked, found = await check_push(state, service, document, pending=pending)
+        problems += [_in_file(path, problem) for problem in found]
+        services.append((service, path, checked))
+    if problems:
+        raise SeedError(problems)
+
+    for record in bundles:
+        await state.store.put_bundle(record)
+        state.metrics.bundle_stored(record.name, record.revision, None)
+        log.info("bundle_seeded", bundle=record.name, revision=record.revision)
+    for service, path, checked in services:
+        info, _created = await store_checked(state, service, checked, SEED_AUTHOR)
+        log.info("config_seeded", service_name=service, version=info.version, source=str(path))
+    return [f"bundle {record.name}" for record in bundles] + [f"service {name}" for name, _, _ in services]
 
 
 def read_seed(directory: Path) -> SeedFiles:
-    """Read every bundle and config under ``directory``; ``SeedError`` for a file that cannot be read or parsed
-    (whether it would be stored or not: a broken seed is reported on every start, not only the first)."""
+    """Read every bundle and config under ``directory``; ``SeedError`` listing every file that cannot be read or
+    parsed, or is misnamed (whether it would be stored or not: a broken seed is reported on every start)."""
     if not directory.is_dir():
         raise SeedError([Problem(str(directory), "seed directory not found")])
-    files = SeedFiles([], [])
+    files, problems = SeedFiles([], []), []
     for path in _listing(directory / "bundles"):
-        if path.is_dir():
-            files.bundles.append((path.name, path, _tarball(path)))
-        elif path.name.endswith(_TARBALL):
-            files.bundles.append((path.name[: -len(_TARBALL)], path, path.read_bytes()))
-        else:
-            raise SeedError([Problem(str(path), "expected a bundle directory or a .tar.gz bundle")])
-    for path in _listing(directory / "services"):
-        if path.suffix not in _CONFIG_SUFFIXES:
-            raise SeedError([Problem(str(path), "expected a service config: NAME.yaml, NAME.yml or NAME.json")])
-        if not SERVICE_NAME.fullmatch(path.stem):
-            raise SeedError([Problem(str(path), f"{path.stem!r} is not a service name")])
+        name = path.name[: -len(_TARBALL)] if path.name.endswith(_TARBALL) else path.name
         try:
-            document = load_text(path.read_text(encoding="utf-8"))
-        except ConfigError as error:
-            raise SeedError([_in_file(path, problem) for problem in error.problems]) from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise SeedError([Problem(str(path), f"cannot read: {error}")]) from None
-        files.services.append((path.stem, path, document))
+            if not (path.is_dir() or path.name.endswith(_TARBALL)):
+                raise SeedError([Problem(str(path), "expected a bundle directory or a .tar.gz bundle")])
+            if not is_bundle_name(name):
+                raise SeedError([Problem(str(path), f"{name!r} is not a bundle name (letters, digits, . _ -)")])
+            files.bundles.append((name, path, _tarball(path) if path.is_dir() else path.read_bytes()))
+        except SeedError as error:
+            problems += error.problems
+        except OSError as error:
+            problems.append(Problem(str(path), f"cannot read: {error.strerror or error}"))
+    seen: dict[str, Path] = {}
+    for path in _listing(directory / "services"):
+        try:
+            files.services.append((path.stem, path, _service(path, seen)))
+        except SeedError as error:
+            problems += error.problems
+    if problems:
+        raise SeedError(problems)
     return files
+
+
+def _service(path: Path, seen: dict[str, Path]) -> object:
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise SeedError([Problem(str(path), "expected a service config: NAME.yaml, NAME.yml or NAME.json")])
+    if not SERVICE_NAME.fullmatch(path.stem):
+        raise SeedError([Problem(str(path), f"{path.stem!r} is not a service name")])
+    if path.stem in seen:
+        raise SeedError([Problem(str(path), f"a second config for service {path.stem!r} (also {seen[path.stem]})")])
+    seen[path.stem] = path
+    try:
+        return load_text(path.read_text(encoding="utf-8"))
+    except ConfigError as error:
+        raise SeedError([_in_file(path, problem) for problem in error.problems]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise SeedError([Problem(str(path), f"cannot read: {reason}")]) from None
 
 
 def _listing(directory: Path) -> list[Path]:
@@ -117,16 +155,6 @@ def _tarball(directory: Path) -> bytes:
         except PolicyLoadError as error:
             raise SeedError([Problem(str(directory), str(error))]) from None
         return out.read_bytes()
-
-
-async def _seed_bundle(state: ApiState, name: str, path: Path, data: bytes) -> None:
-    bundle, problems = await asyncio.to_thread(check_bundle, data)
-    if bundle is None:
-        raise SeedError([_in_file(path, problem) for problem in problems])
-    digest = hashlib.sha256(data).hexdigest()
-    await state.store.put_bundle(BundleRecord(name, data, digest, bundle.revision, SEED_AUTHOR, state.clock()))
-    state.metrics.bundle_stored(name, bundle.revision, None)
-    log.info("bundle_seeded", bundle=name, revision=bundle.revision, source=str(path))
 
 
 def _in_file(path: Path, problem: Problem) -> Problem:

@@ -78,8 +78,28 @@ def test_the_compose_seed_is_stored_once_and_never_over_a_later_push(tmp_path: P
             lambda seed: shutil.rmtree(seed / "bundles" / "authz-next"),
             "services/orders.yaml: authz.shadow.bundle: no bundle named 'authz-next'",
         ),
+        (
+            lambda seed: (seed / "bundles" / "gone.tar.gz").symlink_to(seed / "nowhere.tar.gz"),
+            "bundles/gone.tar.gz: cannot read: No such file or directory",
+        ),
+        (
+            lambda seed: shutil.copytree(seed / "bundles" / "authz-next", seed / "bundles" / "my bundle"),
+            "'my bundle' is not a bundle name",
+        ),
+        (
+            lambda seed: shutil.copy(seed / "services" / "orders.yaml", seed / "services" / "orders.json"),
+            "services/orders.yaml: a second config for service 'orders'",
+        ),
     ],
-    ids=["invalid-config", "invalid-rego", "bad-service-name", "missing-bundle"],
+    ids=[
+        "invalid-config",
+        "invalid-rego",
+        "bad-service-name",
+        "missing-bundle",
+        "unreadable-bundle",
+        "bad-bundle-name",
+        "two-configs-one-service",
+    ],
 )
 def test_a_bad_seed_stops_the_service_with_the_file_and_the_problem(
     tmp_path: Path, breakage: object, message: str
@@ -95,3 +115,32 @@ def test_a_bad_seed_stops_the_service_with_the_file_and_the_problem(
     assert result.returncode == 1
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    assert_nothing_stored(tmp_path / "data")
+
+
+def test_every_problem_of_a_bad_seed_is_listed_and_nothing_is_stored(tmp_path: Path) -> None:
+    seed = compose_seed(tmp_path)
+    orders = seed / "services" / "orders.yaml"
+    orders.write_text(orders.read_text().replace("timeout: 3s", "timeout: -3s"))
+    payments = seed / "services" / "payments.yaml"
+    payments.write_text(payments.read_text().replace("lb: least_request", "lb: fastest"))
+    tokens = tmp_path / "tokens.yaml"
+    shutil.copy(ROOT / "compose" / "tokens.yaml", tokens)
+    command = [sys.executable, "-m", "gateway", "configservice", "--data", str(tmp_path / "data")]
+    command += ["--tokens", str(tokens), "--seed", str(seed), "--listen", f"127.0.0.1:{free_port()}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert any(line.startswith(f"{orders}: routes[1].timeout:") for line in lines), lines
+    assert any(line.startswith(f"{payments}: clusters[0].lb:") for line in lines), lines
+    # The bundles were fine, but they were not stored either: a bad seed leaves the store as it was.
+    assert_nothing_stored(tmp_path / "data")
+
+
+def assert_nothing_stored(data: Path) -> None:
+    """The config service on ``data``, started without a seed, has no bundle and no config."""
+    with config_service(data) as service:
+        for bundle in ("authz", "authz-next"):
+            assert service.call("GET", f"/v1/bundles/{bundle}")[0] == 404
+        for name in ("orders", "payments"):
+            assert service.call("GET", f"/v1/services/{name}/config")[0] == 404

@@ -35,6 +35,14 @@ def test_reasons_beyond_the_cap_count_as_other_and_are_not_remembered() -> None:
     assert samples[("r", "user 0 may not")] == 2
 
 
+def test_reasons_sharing_their_labelled_prefix_share_one_cache_entry() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for n in range(1000):  # a long fixed text, then an id past the cut
+        metrics.authz_denials.inc("r", "x" * 120 + str(n))
+    assert _samples(metrics) == {("r", "x" * 120): 1000}
+    assert len(metrics.authz_denials._children) == 1
+
+
 def test_long_reasons_are_cut() -> None:
     metrics = Metrics(CollectorRegistry())
     metrics.authz_denials.inc("r", "x" * 500)
