@@ -7,6 +7,7 @@ prints a traceback for a user error.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,12 +41,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--traffic", action="store_true", help="also send a steady request mix (gateway.demo.traffic)")
     demo.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
     demo.add_argument(
-        "--scrape-interval", default=None, metavar="DURATION", help="Prometheus scrape interval (default 5s)"
+        "--scrape-interval",
+        type=_prometheus_duration,
+        default=None,
+        metavar="DURATION",
+        help="Prometheus scrape interval, e.g. 1s (default 5s)",
     )
 
     add_configservice_command(commands)
     add_policy_commands(commands)
     return parser
+
+
+def _prometheus_duration(text: str) -> str:
+    # Checked here, in Prometheus' own format: a bad value would otherwise surface as "prometheus did not start".
+    if not re.fullmatch(r"(?:[1-9][0-9]*(?:ms|s|m|h))+", text):
+        raise argparse.ArgumentTypeError(f"expected a Prometheus duration such as 1s, 500ms or 1m, got {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:

@@ -93,6 +93,7 @@ def demo_stack(tmp_path: Path, *args: str, timeout: float = 60.0) -> Iterator[De
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own process group, as in a terminal: a test may signal the group
         )
     demo = Demo(process, output, data, {})
     try:

@@ -9,6 +9,7 @@ packages); the rest is this repository.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 
 from gateway.config.document import load_text
+from gateway.configservice.seed import CONFIG_SUFFIXES
 from gateway.demo.topology import (
     COMPOSE,
     GATEWAYS,
@@ -45,6 +47,9 @@ PYTHON = sys.executable
 IDP = "http://127.0.0.1:7777"
 CONFIG_SERVICE = "http://127.0.0.1:7000"
 ALICE_ROLES = "orders.read,orders.write,payments.read,payments.charge"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Every URL the demo itself opens is on 127.0.0.1: never through a proxy from the environment.
+_URLS = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,24 +65,30 @@ class DemoError(Exception):
 
 
 def run_demo(options: DemoOptions) -> int:
-    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+    processes: list[tuple[Process, subprocess.Popen[bytes]]] = []
 
     def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM stops the demo exactly like Ctrl-C
+        raise KeyboardInterrupt  # SIGTERM, or the terminal closing (SIGHUP), stops the demo exactly like Ctrl-C
 
-    # Installed before anything starts, so a SIGTERM at any point still reaches the cleanup below.
-    signal.signal(signal.SIGTERM, stop)
+    # Installed before anything starts, so a signal at any point still reaches the cleanup below.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
         plan = _prepare(options)
         logs = options.data / "logs"
         for step in plan:
-            processes.append((step.name, _start(step, logs)))
-            if step.ready_url is not None and not _wait_ready(step.ready_url, processes[-1][1], 30.0):
-                raise DemoError(f"{step.name} did not start; see {logs / (step.name + '.log')}")
-        print(_banner(options, [name for name, _ in processes]), flush=True)
+            process = _start(step, logs)
+            processes.append((step, process))
+            if step.ready_url is not None and not _wait_ready(step.ready_url, process, 30.0):
+                if not step.optional:
+                    raise DemoError(f"{step.name} did not start; see {logs / (step.name + '.log')}")
+                print(f"meshgate demo: {step.name} did not start, going on without it; see its log", flush=True)
+                _stop(process)
+                processes.pop()
+        print(_banner(options, [step.name for step, _ in processes]), flush=True)
         while all(p.poll() is None for _, p in processes):
             time.sleep(0.5)
-        gone = [name for name, p in processes if p.poll() is not None]
+        gone = [step.name for step, p in processes if p.poll() is not None]
         print(f"meshgate demo: {', '.join(gone)} exited; see {logs}; stopping", file=sys.stderr, flush=True)
         return 1
     except DemoError as error:
@@ -90,18 +101,29 @@ def run_demo(options: DemoOptions) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C must not cut the clean-up short and leave processes on the demo's fixed ports.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        # In reverse start order, each stopped before the next is asked: traffic stops before the sidecars drain,
+        # the sidecars flush their last spans while the trace store still runs.
         for _, process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _prepare(options: DemoOptions) -> list[Process]:
     """Check the ports, write the working files, and return the processes to start, in order."""
+    if not (COMPOSE / "docker-compose.yml").is_file():
+        raise DemoError(f"{COMPOSE}: not found; the demo runs compose/ from a meshgate source checkout")
     busy = [f"{what} 127.0.0.1:{port}" for what, port in PORTS.items() if _in_use(port)]
     if busy:
         raise DemoError("ports in use: " + ", ".join(busy) + " (stop what holds them, or the previous demo)")
@@ -118,11 +140,13 @@ def _prepare(options: DemoOptions) -> list[Process]:
 
     skipped = [f"{what} 127.0.0.1:{port}" for what, port in OPTIONAL_PORTS.items() if _in_use(port)]
     if skipped:
-        print("meshgate demo: ports in use, so these run without their part: " + ", ".join(skipped), flush=True)
+        # Not started by the demo; whatever listens there is what the stack will talk to (a Redis on 6379 gets the
+        # shared rate-limit keys).
+        print("meshgate demo: ports in use, not started by the demo: " + ", ".join(skipped), flush=True)
     plan: list[Process] = []
     if not any(_in_use(port) for port in (4318, 16686)):
         argv = [PYTHON, "-m", "gateway.demo.traces", "--otlp", "127.0.0.1:4318", "--query", "127.0.0.1:16686"]
-        plan.append(Process("traces", argv, "http://127.0.0.1:16686/api/services"))
+        plan.append(Process("traces", argv, "http://127.0.0.1:16686/api/services", optional=True))
     redis = shutil.which("redis-server")
     if redis is not None and not _in_use(6379):
         argv = [redis, "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -160,14 +184,19 @@ def _tokens(data: Path) -> Path:
     if not path.exists():
         names = _yaml(COMPOSE / "tokens.yaml")["tokens"]
         tokens = [{**entry, "token": secrets.token_urlsafe(24)} for entry in names]
-        path.write_text(yaml.safe_dump({"tokens": tokens}, sort_keys=False))
-        path.chmod(0o600)
+        _write_secret(path, yaml.safe_dump({"tokens": tokens}, sort_keys=False))
     for entry in _yaml(path)["tokens"]:
         if entry.get("role") == "gateway" and entry.get("service"):
-            token_file = data / "tokens" / f"{entry['service']}.token"
-            token_file.write_text(entry["token"] + "\n")
-            token_file.chmod(0o600)
+            _write_secret(data / "tokens" / f"{entry['service']}.token", entry["token"] + "\n")
     return path
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only, from the first byte (not chmod after the fact)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def admin_token(data: Path) -> str:
@@ -176,15 +205,18 @@ def admin_token(data: Path) -> str:
 
 
 def _write_seed(data: Path) -> None:
+    """``data/seed``: compose/seed with its configs localized, and the shipped policy where compose mounts it."""
     seed = data / "seed"
-    for source in sorted((COMPOSE / "seed" / "services").glob("*.yaml")):
-        local = localize_service(_yaml(source))
-        (seed / "services" / f"{source.stem}.json").write_text(json.dumps(local, indent=2))
-    # compose mounts the shipped policy as the bundle the gateways and OPA use; the rest is compose/seed/bundles.
-    bundles = [(ROOT / "policy" / "rego", OPA_BUNDLE)]
-    bundles += [(path, path.name) for path in sorted((COMPOSE / "seed" / "bundles").iterdir()) if path.is_dir()]
-    for source, name in bundles:
-        shutil.copytree(source, seed / "bundles" / name, dirs_exist_ok=True)
+    for source in sorted((COMPOSE / "seed" / "services").iterdir()):
+        if source.suffix in CONFIG_SUFFIXES:  # any other file is the config service's to refuse, as in compose
+            local = localize_service(_yaml(source))
+            (seed / "services" / f"{source.stem}.json").write_text(json.dumps(local, indent=2))
+    bundles = [(ROOT / "policy" / "rego", OPA_BUNDLE), *((p, p.name) for p in (COMPOSE / "seed" / "bundles").iterdir())]
+    for source, name in sorted(bundles):
+        if source.is_dir():
+            shutil.copytree(source, seed / "bundles" / name, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, seed / "bundles" / name)
 
 
 def _prometheus(binary: str, data: Path, interval: str | None) -> Process:
@@ -201,7 +233,7 @@ def _prometheus(binary: str, data: Path, interval: str | None) -> Process:
         "--web.listen-address=127.0.0.1:9090",
         "--enable-feature=exemplar-storage",
     ]
-    return Process("prometheus", argv, "http://127.0.0.1:9090/-/ready")
+    return Process("prometheus", argv, "http://127.0.0.1:9090/-/ready", optional=True)
 
 
 def _start(process: Process, logs: Path) -> subprocess.Popen[bytes]:
@@ -212,9 +244,19 @@ def _start(process: Process, logs: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **process.env},
-            start_new_session=True,  # Ctrl-C goes to the demo, which stops the others in order
+            # Everything here talks to 127.0.0.1: a user's proxy settings must not send it elsewhere.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "no_proxy": "127.0.0.1,localhost", **process.env},
+            # Its own session: Ctrl-C goes to the demo alone, which stops the others in order. The parent-death
+            # signal covers the demo itself being killed (kill -9): no process is left holding a fixed port.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the demo process dies (Linux ``PR_SET_PDEATHSIG``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _banner(options: DemoOptions, started: list[str]) -> str:
@@ -262,16 +304,22 @@ def _try_lines(traces: bool) -> list[str]:
 def _example(logs: Path, traces: bool) -> list[str]:
     """One real denial, made now, so the reader sees its decision id, reason and trace id without typing."""
     try:
-        with urllib.request.urlopen(f"{IDP}/token?sub=bob", timeout=5) as response:
+        with _URLS.open(f"{IDP}/token?sub=bob", timeout=5) as response:
             token = response.read().decode().strip()
         request = urllib.request.Request("http://127.0.0.1:8081/orders", headers={"Authorization": f"Bearer {token}"})
-        urllib.request.urlopen(request, timeout=5).close()
+        _URLS.open(request, timeout=5).close()
         return ["(bob's request was allowed: has the policy changed?)"]
     except urllib.error.HTTPError as error:
         with error:
-            status, body = error.code, json.loads(error.read() or b"{}")
-    except (OSError, ValueError) as error:
+            status, raw = error.code, error.read()
+    except OSError as error:
         return [f"(the example request failed: {error})"]
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return [f"(bob was refused with HTTP {status}, but not with the gateway's JSON reply)"]
     trace = body.get("trace_id")
     lines = [
         f"Just now, bob was denied: HTTP {status} decision_id={body.get('decision_id')}",
@@ -289,7 +337,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> b
         if process.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with _URLS.open(url, timeout=1) as response:
                 if response.status == 200:
                     return True
         except (urllib.error.URLError, OSError):

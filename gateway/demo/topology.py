@@ -101,3 +101,4 @@ class Process:
     argv: list[str]
     ready_url: str | None  # GET answers 200 once it serves; None: started is enough
     env: dict[str, str] = field(default_factory=dict)
+    optional: bool = False  # the demo goes on without it if it does not come up (Prometheus, the trace store)

@@ -37,6 +37,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from gateway.config.values import parse_address
 from gateway.demo.jaeger import Json, Search, StoredSpan, convert, normalize_trace_id, parse_search, trace_json
 
 __all__ = [
@@ -240,10 +241,11 @@ async def serve(otlp: tuple[str, int], query: tuple[str, int], store: TraceStore
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        address = parse_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return address.host, address.port
 
 
 def _positive(text: str) -> int:
@@ -268,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = asyncio.run(serve(args.otlp, args.query, store))
     else:
         code = uvloop.run(serve(args.otlp, args.query, store))
-    # Done: a late second signal (Ctrl-C reaches the whole demo, which then sends SIGTERM) must not turn exit 0 into
-    # a kill once the event loop, and with it the handlers, are gone.
+    # Done: a late second signal (a Ctrl-C in the terminal that started it by hand, then a SIGTERM) must not turn
+    # exit 0 into a kill once the event loop, and with it the handlers, are gone.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     return code

@@ -38,6 +38,7 @@ ROLES = {
     "carol": "orders.admin",
     "bob": "",
 }
+TOKEN_REFRESH = 1800.0  # seconds; the demo IdP's tokens are valid for 3600
 BURST = 15  # orders-write allows 5/s with a burst of 10: fifteen at once are sure to see 429s
 
 
@@ -87,7 +88,16 @@ async def run(urls: dict[str, str], idp: str, rate: float, duration: float | Non
         started = last_report = time.monotonic()
         in_flight: set[asyncio.Task[None]] = set()
         second = 0
+        fetched = started
         while not stop.is_set() and (duration is None or time.monotonic() - started < duration):
+            if time.monotonic() - fetched > TOKEN_REFRESH:
+                # The IdP's tokens live an hour: fetched again well before, or every request would become a 401.
+                try:
+                    tokens.update(await _tokens(session, idp))
+                    fetched = time.monotonic()
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    print(f"traffic: cannot refresh tokens from {idp}: {error}", file=sys.stderr, flush=True)
+                    fetched += 60.0  # try again in a minute, with the old tokens meanwhile
             batch = rng.choices(calls, weights, k=max(1, round(rate)))
             if second % 10 == 9:
                 batch += [Call("orders", "POST", "/orders", "alice", 0)] * BURST

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -60,9 +61,14 @@ def test_demo_runs_the_topology_and_stops_everything(tmp_path: Path) -> None:
         # carol's orders.admin is enough for the enforced policy, not for the shadow candidate: counted, not enforced.
         assert http(f"{ORDERS}/orders/2", demo.token("carol", "orders.admin"))[0] == 200
 
-        # payments-b fails 30% of its answers; retries on the other instance hide that from callers.
+        # payments-b fails 30% of its answers, at random; retries on the other instance hide that from callers.
         answers = [http(f"{PAYMENTS}/payments/p-{n}", alice)[0] for n in range(40)]
         assert answers.count(200) >= 38, answers
+        for n in range(200):  # until a failure was retried: with 40 requests, none is in about 1 run of 1,000
+            payments_metrics = http("http://127.0.0.1:9912/metrics")[2].decode()
+            if metric_sum(payments_metrics, "meshgate_upstream_retries_total", upstream="payments") >= 1:
+                break
+            http(f"{PAYMENTS}/payments/q-{n}", alice)
 
         # Each sidecar serves the config the config service was seeded with, from compose/seed.
         for admin in ("http://127.0.0.1:9911", "http://127.0.0.1:9912"):
@@ -72,7 +78,6 @@ def test_demo_runs_the_topology_and_stops_everything(tmp_path: Path) -> None:
         orders_metrics = http("http://127.0.0.1:9911/metrics")[2].decode()
         assert metric_sum(orders_metrics, "meshgate_authz_shadow_disagreements_total", http_route="orders-read") >= 1
         assert metric_sum(orders_metrics, "meshgate_authz_denials_total", http_route="orders-read") >= 2
-        payments_metrics = http("http://127.0.0.1:9912/metrics")[2].decode()
         assert metric_sum(payments_metrics, "meshgate_upstream_retries_total", upstream="payments") >= 1
         assert metric_sum(payments_metrics, "meshgate_authz_bundle_info", revision="meshgate-default-2") == 1
 
@@ -149,3 +154,26 @@ def test_demo_with_an_unusable_data_directory_says_which_and_exits_1(tmp_path: P
     )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"meshgate demo: {not_a_directory}/logs: Not a directory\n"
+
+
+@pytest.mark.parametrize(
+    ("how", "exit_code"),
+    [("ctrl-c", 0), ("terminal-closed", 0), ("kill-9", -signal.SIGKILL)],
+)
+def test_demo_leaves_nothing_running_however_it_is_stopped(tmp_path: Path, how: str, exit_code: int) -> None:
+    with demo_stack(tmp_path, "--no-prometheus") as demo:
+        started = dict(demo.started)
+        assert len(started) >= 8
+        if how == "ctrl-c":
+            os.killpg(demo.process.pid, signal.SIGINT)  # what a terminal sends its foreground process group
+        elif how == "terminal-closed":
+            demo.process.send_signal(signal.SIGHUP)
+        else:
+            demo.process.kill()  # no clean-up runs: the children must go on their own (parent-death signal)
+        assert demo.process.wait(timeout=60) == exit_code
+
+        def all_gone() -> bool:
+            return all(not Path(f"/proc/{pid}").exists() or _state(pid) == "Z" for pid in started)
+
+        wait_for(all_gone, 30, "every process the demo started to exit")
+        wait_for(lambda: not any(port_in_use(port) for port in PORTS.values()), 10, "the demo's ports to be free")

@@ -8,7 +8,7 @@ is skipped, naming the port.
 
 Two kinds of commands are listed by the runner as not runnable, and checked otherwise:
 
-- ``docker compose ...``: there is no Docker engine where the tests run. tests/unit/test_compose.py checks the
+- ``docker compose ...``: there is no Docker engine where the tests run. tests/integration/test_compose.py checks the
   compose file statically (mounts, ports, images, healthchecks, tokens, Prometheus targets, the OPA bundle path);
   here each such command must name a compose file that exists, is the one test_compose.py checks, and has every
   ``--profile`` it asks for.
@@ -31,7 +31,9 @@ import yaml
 from tests.demo_proc import port_in_use
 from tests.docs_commands import ROOT, Command, commands, fenced_blocks, needed_ports, pages, run_page
 
-pytestmark = pytest.mark.e2e
+# A page that starts the demo with traffic waits for it, runs a score of commands and stops it again: more than the
+# suite's 120 s default on a loaded 2-core machine, and the runner's own report (page, line) should win the race.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 PAGES = pages()
 PLACEHOLDER = re.compile(r"<[A-Za-z][\w .-]*>|\b(?:FILE|DIR|TRACE_ID|DECISION_ID)\b")
