@@ -59,7 +59,7 @@ def test_page_commands_run(page: Path, tmp_path: Path) -> None:
 
 
 def test_docker_commands_are_checked_statically() -> None:
-    checked = (ROOT / "tests" / "unit" / "test_compose.py").read_text()
+    checked = (ROOT / "tests" / "integration" / "test_compose.py").read_text()
     assert 'COMPOSE_DIR / "docker-compose.yml"' in checked  # the file test_compose.py reads
     docker = [command for page in PAGES for command in commands(page) if command.text.startswith("docker")]
     assert docker, "the docs show how to run the compose stack"
