@@ -1,50 +1,78 @@
 """meshgate's Grafana dashboards as data for tests: every query they run, ready for Prometheus, and its metric names.
 
-``dashboards()`` loads ``grafana/dashboards/*.json``; ``targets()`` lists one ``Target`` (dashboard uid, panel title,
-expression) per panel query, in rows too; ``substitute()`` replaces Grafana's variables by values a plain Prometheus
-query accepts (every service and route, fixed windows); ``metric_names()`` finds the series names an expression
-reads, skipping functions, label names, keywords, strings and durations, and ``family()`` maps a histogram's
-``_bucket``/``_count``/``_sum`` series to its family name.
+The dashboards are read by ``scripts/dashboard_render/grafana.py``, the renderer's own module, so the tests run the
+queries the pictures are drawn from. ``targets()`` lists one ``Target`` (dashboard uid, panel title, expression) per
+panel query, in rows too, and ``Target.query`` fills in Grafana's variables (``VARIABLES``: every service and route,
+fixed windows); ``EXERCISED`` names the queries that must show more than 0 on the demo stack, not merely data;
+``variable_queries()`` gives a dashboard's query variables; ``metric_names()`` finds the series names
+an expression reads, skipping functions, label names, keywords, strings and durations, and ``family()`` maps a
+histogram's ``_bucket``/``_count``/``_sum`` series to its family name.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts.dashboard_render.grafana import DASHBOARDS, dashboards, panels, substitute, variables
+
 __all__ = [
-    "DASHBOARDS_DIR",
+    "DASHBOARDS",
+    "EXERCISED",
     "GRAFANA_DIR",
+    "VARIABLES",
     "Target",
-    "dashboards",
     "family",
     "metric_names",
-    "panels",
-    "substitute",
     "targets",
     "variable_queries",
 ]
 
-GRAFANA_DIR = Path(__file__).resolve().parent.parent / "grafana"
-DASHBOARDS_DIR = GRAFANA_DIR / "dashboards"
+GRAFANA_DIR = DASHBOARDS.parent
+# Windows that fit a 5 s scrape interval ($__rate_interval is at least four scrape intervals in Grafana).
+VARIABLES = variables(rate_interval="30s", interval="15s", range_="5m")
 
-# What Grafana would put in place of each variable: every service and route (the `All` value is the regex `.*`), and
-# windows that fit a 5 s scrape interval ($__rate_interval is at least four scrape intervals).
-VARIABLES = {
-    "__rate_interval": "30s",
-    "__interval": "15s",
-    "__range": "5m",
-    "service": ".*",
-    "route": ".*",
-    "datasource": "prometheus",
+# The panels the demo's traffic (gateway/demo/traffic.py) and the e2e test's pushes make move: on the demo stack each
+# must show a value above 0, not merely data. `A or B * 0` draws zeros, and so does a matcher that selects nothing
+# next to one that selects something: "has data" alone cannot tell a working panel from a broken one there.
+# Key: (dashboard uid, panel title, refId); value: the series that must add up to more than 0, as label -> regex
+# (fully matched; {} = every series of the result).
+_FIVE_XX = {"http_response_status_code": "5.."}
+EXERCISED: dict[tuple[str, str, str], dict[str, str]] = {
+    # POST /orders charges through payments, never retried: payments-b's 503s reach the client.
+    ("meshgate-overview", "Success rate (non-5xx share)", "A"): {},
+    ("meshgate-overview", "Success rate (non-5xx share) by service and route", "A"): {},
+    ("meshgate-overview", "Responses by status code", "A"): _FIVE_XX,
+    ("meshgate-overview", "5xx responses by service and route", "A"): {},
+    # bob (no role) and carol (denied by the shadow candidate), a request without a token and one with a bad one.
+    ("meshgate-policy", "Denied share (policy)", "A"): {},
+    ("meshgate-policy", "Authentication failures per second", "A"): {},
+    ("meshgate-policy", "Shadow policy disagreements per second", "A"): {},
+    ("meshgate-policy", "Authorization decisions by route: allow / deny / error", "A"): {"decision": "deny"},
+    ("meshgate-policy", "Deny reasons by route", "A"): {},
+    ("meshgate-policy", "Top deny reasons over the time range", "A"): {},
+    ("meshgate-policy", "Authentication failures by reason", "A"): {},
+    ("meshgate-policy", "Decision cache hit rate by route", "A"): {},  # orders caches decisions for 5 s
+    ("meshgate-policy", "Shadow policy disagreements by route", "A"): {},
+    # payments-b answers 503 to ~30% of requests: retried, ejected; the test's stingy budget refuses retries.
+    ("meshgate-resilience", "Upstream attempt outcomes: status code or error", "A"): {
+        "upstream": "payments",
+        **_FIVE_XX,
+    },
+    ("meshgate-resilience", "Retries by upstream", "A"): {},
+    ("meshgate-resilience", "Retries refused: retry budget exhausted", "A"): {},
+    ("meshgate-resilience", "Outlier ejections by upstream", "A"): {},
+    ("meshgate-resilience", "Rate-limited requests by route (429)", "A"): {},  # a burst every ten seconds
+    ("meshgate-resilience", "Local replies by reason", "A"): {},
+    # The e2e test's invalid push (the config service refuses it) and restart-only change (the gateway refuses it).
+    ("meshgate-control-plane", "Rejected configs: refused by the config service, refused by a gateway", "A"): {},
+    ("meshgate-control-plane", "Rejected configs: refused by the config service, refused by a gateway", "B"): {},
+    ("meshgate-control-plane", "Config pushes by result (since the config service started)", "A"): {
+        "result": "rejected"
+    },
 }
-
-# `$name`, `${name}` and `${name:format}` (not `$1`: a regex group in label_replace).
-_VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(?::\w+)?\}|\$([A-Za-z_]\w*)")
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -87,26 +115,17 @@ class Target:
     exemplar: bool = False
 
     @property
+    def key(self) -> tuple[str, str, str]:
+        """``(dashboard uid, panel title, refId)``: how ``EXERCISED`` names it."""
+        return self.dashboard, self.panel, self.ref_id
+
+    @property
     def query(self) -> str:
         """``expr`` with the variables substituted: what to send to Prometheus."""
-        return substitute(self.expr)
+        return substitute(self.expr, VARIABLES)
 
     def __str__(self) -> str:
         return f"{self.dashboard} / {self.panel} [{self.ref_id}]: {self.query}"
-
-
-def dashboards(directory: Path = DASHBOARDS_DIR) -> dict[Path, dict[str, Any]]:
-    """Every dashboard JSON under ``directory``, by path."""
-    return {path: json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))}
-
-
-def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every panel, rows excluded but the panels of collapsed rows included."""
-    for panel in dashboard.get("panels", []):
-        if panel.get("type") == "row":
-            yield from panel.get("panels", [])
-        else:
-            yield panel
 
 
 def targets(boards: dict[Path, dict[str, Any]] | None = None) -> list[Target]:
@@ -141,20 +160,6 @@ def variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def substitute(expr: str, values: dict[str, str] | None = None) -> str:
-    """``expr`` with Grafana's variables replaced (``VARIABLES`` by default); an unknown variable is a ValueError,
-    so a dashboard cannot use one the tests do not know how to fill in."""
-    table = values if values is not None else VARIABLES
-
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in table:
-            raise ValueError(f"unknown Grafana variable ${name} in {expr!r}")
-        return table[name]
-
-    return _VARIABLE.sub(one, expr)
-
-
 def metric_names(expr: str) -> set[str]:
     """The series names ``expr`` selects (``http_server_request_duration_seconds_bucket``, not its family).
 
@@ -162,7 +167,7 @@ def metric_names(expr: str) -> set[str]:
     a range (``[...]``), a grouping clause (``by (...)``) or a string. Variables are substituted first, so
     ``[$__rate_interval]`` is a range like any other.
     """
-    text = _STRING.sub('""', substitute(expr))
+    text = _STRING.sub('""', substitute(expr, VARIABLES))
     text = _MATCHERS.sub(" ", text)
     text = _RANGE.sub(" ", text)
     text = _GROUPING.sub(" ", text)

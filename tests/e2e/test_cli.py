@@ -124,5 +124,3 @@ def test_help_exits_0() -> None:
     assert result.returncode == 0
     for command in ("run", "check", "demo"):
         assert command in result.stdout
-
-

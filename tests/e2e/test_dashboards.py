@@ -1,8 +1,8 @@
 """e2e: every panel of every Grafana dashboard shows data on the real local stack (``meshgate demo --traffic``).
 
-The test runs ``python -m gateway demo --traffic`` (config service, IdP, two sidecars, the apps, Prometheus on
-127.0.0.1:9090), and adds the control-plane events the traffic generator does not make, through the config
-service's API like an operator would:
+The test runs the demo (``tests/demo_proc.py``: config service, IdP, two sidecars, the apps, Prometheus on
+127.0.0.1:9090 scraping every second, the traffic generator) and adds the control-plane events the traffic does not
+make, through the config service's API like an operator would:
 
 - an invalid push (422: counted as ``rejected``, nothing stored);
 - a valid orders version the orders sidecar refuses (it changes ``limits``, a restart-only setting): the gateway
@@ -11,40 +11,37 @@ service's API like an operator would:
   the failing payments-b instance (the demo's own budget is generous enough never to run out).
 
 Then it asks Prometheus every panel's query (Grafana's variables filled in as "All") until each returns at least one
-finite sample, and fails listing each (dashboard, panel, query) that did not; checks that the config service's
-series keep the ``service`` they are about (the control-plane panels group by it); checks that the exemplars
-Prometheus stored carry 32-hex trace ids (what Grafana's exemplar link to Jaeger uses); and renders the PNGs with
-``scripts/render_dashboards.py`` from those same queries. Skipped only when the ``prometheus`` binary is missing.
+finite sample and each query of ``tests.dashboards.EXERCISED`` (denials, authn failures, retries, ejections, 429s,
+shadow disagreements, rejected configs, payments-b's 5xx ...) adds up to more than 0, and fails listing each
+(dashboard, panel, query) that did not; checks that the config service's series keep the ``service`` they are about
+(the control-plane panels group by it); checks that the exemplars Prometheus stored carry 32-hex trace ids (what
+Grafana's exemplar link to Jaeger uses); and renders the PNGs with ``scripts/render_dashboards.py`` from those same
+queries. Skipped when the ``prometheus`` binary is missing or a port the demo needs (Prometheus's too) is taken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 
-from gateway.demo.topology import OPTIONAL_PORTS, PORTS
-from tests.dashboards import Target, targets
-from tests.procs import ROOT, children, free_port, metric_sum
+from gateway.demo.stack import admin_token
+from gateway.demo.topology import OPTIONAL_PORTS
+from tests.dashboards import EXERCISED, Target, targets
+from tests.demo_proc import demo_stack, http, port_in_use
+from tests.procs import ROOT, free_port, metric_sum
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -52,124 +49,27 @@ PROMETHEUS = "http://127.0.0.1:9090"
 CONFIG_SERVICE = "http://127.0.0.1:7000"
 ORDERS_ADMIN = "http://127.0.0.1:9911"
 RENDERER = ROOT / "scripts" / "render_dashboards.py"
-UP_LINE = "meshgate demo is up"
 TRACE_ID = re.compile(r"[0-9a-f]{32}")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 T = TypeVar("T")
 
 
-@dataclass
-class Demo:
-    process: subprocess.Popen[bytes]
-    data: Path
-    output: Path
-
-    def text(self) -> str:
-        return self.output.read_text(errors="replace")
-
-    def admin_token(self) -> str:
-        tokens = yaml.safe_load((self.data / "tokens.yaml").read_text())["tokens"]
-        return next(str(token["token"]) for token in tokens if token.get("role") == "admin")
-
-
-def _stop(process: subprocess.Popen[bytes], started: dict[int, str]) -> None:
-    """SIGTERM the demo (it stops its children in order), SIGKILL it if it did not finish in time, then stop any of
-    ``started`` (its children, by PID and command line, seen while it ran) still alive: the demo starts each child
-    in a session of its own, so a demo killed mid-way would leave them running."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    for pid, command in started.items():
-        if _command(pid) != command:
-            continue  # gone (or the PID was reused by something else)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _command(pid) == command and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _command(pid) == command:
-                os.kill(pid, signal.SIGKILL)
-
-
-def _command(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return None
-
-
-def _in_use(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_ports_free(timeout: float = 120.0) -> None:
-    """The demo's ports are fixed: wait (a bounded while) for another demo on this machine to finish. Prometheus's
-    port too: the demo would run without its own and this test would read someone else's."""
-    ports = {**PORTS, "Prometheus": OPTIONAL_PORTS["Prometheus"]}
-    deadline = time.monotonic() + timeout
-    while busy := [f"{what} 127.0.0.1:{port}" for what, port in ports.items() if _in_use(port)]:
-        if time.monotonic() > deadline:
-            pytest.fail(f"ports still in use after {timeout:g} s (another meshgate demo?): {', '.join(busy)}")
-        time.sleep(1)
-
-
-@contextlib.contextmanager
-def demo(tmp_path: Path) -> Iterator[Demo]:
-    wait_ports_free()
-    data = tmp_path / "demo"
-    output = tmp_path / "demo.out"
-    command = [sys.executable, "-m", "gateway", "demo", "--data", str(data), "--traffic"]
-    help_text = subprocess.run(
-        [sys.executable, "-m", "gateway", "demo", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
-    ).stdout
-    if "--scrape-interval" in help_text:
-        command += ["--scrape-interval", "1s"]  # rates over 30 s windows fill in sooner
-    with output.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    running = Demo(process, data, output)
-    started: dict[int, str] = {}
-    try:
-        deadline = time.monotonic() + 90
-        while UP_LINE not in running.text():
-            started |= children(process.pid)
-            if process.poll() is not None:
-                pytest.fail(f"meshgate demo exited with {process.returncode}:\n{running.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"meshgate demo not up within 90 s:\n{running.text()[-3000:]}")
-            time.sleep(0.2)
-        started |= children(process.pid)
-        assert "Prometheus 127.0.0.1:9090" not in running.text(), "the demo runs without its own Prometheus"
-        yield running
-    finally:
-        _stop(process, started)
-
-
-def _request(method: str, url: str, token: str, body: bytes | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body, method=method, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read() or b"null")
+def _config_request(method: str, service: str, token: str, config: object = None) -> tuple[int, Any]:
+    body = None if config is None else json.dumps(config).encode()
+    status, _headers, answer = http(f"{CONFIG_SERVICE}/v1/services/{service}/config", token, method, body)
+    return status, json.loads(answer or b"null")
 
 
 def _config(service: str, token: str) -> dict[str, Any]:
-    status, body = _request("GET", f"{CONFIG_SERVICE}/v1/services/{service}/config", token)
+    status, body = _config_request("GET", service, token)
     assert status == 200, body
     config: dict[str, Any] = body["config"]
     return config
 
 
 def _push(service: str, token: str, config: object) -> tuple[int, Any]:
-    return _request("PUT", f"{CONFIG_SERVICE}/v1/services/{service}/config", token, json.dumps(config).encode())
+    return _config_request("PUT", service, token, config)
 
 
 def _wait(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
@@ -185,6 +85,16 @@ def _wait(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
 def _orders_reloads(result: str) -> float:
     with urllib.request.urlopen(f"{ORDERS_ADMIN}/metrics", timeout=5) as response:
         return metric_sum(response.read().decode(), "meshgate_config_reloads_total", result=result)
+
+
+def _query(expr: str) -> list[dict[str, Any]]:
+    url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data = json.loads(response.read())["data"]
+    if data["resultType"] == "scalar":
+        return [{"metric": {}, "value": data["result"]}]
+    result: list[dict[str, Any]] = data["result"]
+    return result
 
 
 def wait_scraped(timeout: float = 60.0) -> None:
@@ -221,30 +131,37 @@ def control_plane_events(token: str) -> None:
     assert status == 201, body
 
 
-def _query(expr: str) -> list[dict[str, Any]]:
-    url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        data = json.loads(response.read())["data"]
-    if data["resultType"] == "scalar":
-        return [{"metric": {}, "value": data["result"]}]
-    result: list[dict[str, Any]] = data["result"]
-    return result
+def shortfall(target: Target) -> str | None:
+    """Why the panel would not show what it should right now, or ``None`` when it does.
+
+    Every query needs a sample Grafana would draw (NaN, a quantile of no requests or 0/0, draws nothing); an
+    ``EXERCISED`` query needs its (selected) series to add up to more than 0."""
+    samples = _query(target.query)
+    if not any(math.isfinite(float(sample["value"][1])) for sample in samples):
+        return "no data"
+    wanted = EXERCISED.get(target.key)
+    if wanted is None:
+        return None
+    total = sum(
+        value
+        for sample in samples
+        if all(re.fullmatch(pattern, sample["metric"].get(label, "")) for label, pattern in wanted.items())
+        if math.isfinite(value := float(sample["value"][1]))
+    )
+    if total > 0:
+        return None
+    return f"only zeros (sum {total:g} over the series matching {wanted})" if wanted else f"only zeros (sum {total:g})"
 
 
-def _has_data(target: Target) -> bool:
-    """At least one sample Grafana would draw: NaN (a quantile of no requests, 0/0) draws nothing."""
-    return any(math.isfinite(float(sample["value"][1])) for sample in _query(target.query))
-
-
-def wait_for_every_panel(timeout: float) -> list[Target]:
-    """Poll until every target has data; return those that still have none after ``timeout`` seconds."""
-    pending = targets()
+def wait_for_every_panel(timeout: float) -> list[str]:
+    """Poll until no target falls short; return ``target: why`` for those that still do after ``timeout`` seconds."""
+    pending = {target: "not asked yet" for target in targets()}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        pending = [target for target in pending if not _has_data(target)]
+        pending = {target: why for target in pending if (why := shortfall(target)) is not None}
         if pending:
             time.sleep(2)
-    return pending
+    return [f"{target}\n    {why}" for target, why in pending.items()]
 
 
 def exemplars() -> list[str]:
@@ -269,12 +186,17 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_every_dashboard_panel_shows_data_on_the_demo_stack(tmp_path: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("the prometheus binary is not installed (Debian package prometheus; scripts/setup installs it)")
-    with demo(tmp_path) as running:
+    if port_in_use(OPTIONAL_PORTS["Prometheus"]):
+        # The demo would run without its own Prometheus, and this test would read someone else's.
+        pytest.skip(f"meshgate demo's Prometheus needs port {OPTIONAL_PORTS['Prometheus']}, in use here")
+    # Scrapes every second: the 30 s rate windows the queries are asked with fill in sooner.
+    with demo_stack(tmp_path, "--traffic", "--scrape-interval", "1s") as demo:
+        assert demo.runs("/prometheus/prometheus.yml"), f"the demo runs without its own Prometheus:\n{demo.text()}"
         wait_scraped()
-        control_plane_events(running.admin_token())
+        control_plane_events(admin_token(demo.data))
 
-        empty = wait_for_every_panel(timeout=120)
-        assert not empty, "panels with no data:\n" + "\n".join(f"  {target}" for target in empty)
+        short = wait_for_every_panel(timeout=120)
+        assert not short, "panels that do not show what the demo makes:\n" + "\n".join(f"  {s}" for s in short)
 
         trace_ids = _wait("exemplars of http_server_request_duration_seconds_bucket", exemplars)
         assert all(TRACE_ID.fullmatch(trace_id) for trace_id in trace_ids), trace_ids[:5]

@@ -17,19 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from scripts.dashboard_render.grafana import DASHBOARDS, dashboards, panels, substitute
 from telemetry.metrics import ConfigServiceMetrics, Metrics
-from tests.dashboards import (
-    DASHBOARDS_DIR,
-    GRAFANA_DIR,
-    Target,
-    dashboards,
-    family,
-    metric_names,
-    panels,
-    substitute,
-    targets,
-    variable_queries,
-)
+from tests.dashboards import EXERCISED, GRAFANA_DIR, VARIABLES, Target, family, metric_names, targets, variable_queries
 
 UIDS = {"meshgate-overview", "meshgate-policy", "meshgate-resilience", "meshgate-control-plane"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -163,6 +153,13 @@ def test_every_query_uses_grafanas_windows_and_never_invents_data() -> None:
     assert problems == []
 
 
+def test_no_query_matches_on_le() -> None:
+    # Prometheus 3 (compose) writes `le` values as floats ("1.0"), 2.x (the e2e test's) as they were exposed ("1"):
+    # a matcher on `le` would select different buckets on the two; grouping by it and histogram_quantile do not care.
+    matchers = [m for t in TARGETS for m in re.findall(r"\{[^{}]*\}", t.expr) if re.search(r"\ble\s*(=|!=|=~|!~)", m)]
+    assert matchers == []
+
+
 def test_every_query_is_valid_promql() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -201,6 +198,19 @@ def test_legends_name_only_labels_the_queries_keep() -> None:
     assert problems == []
 
 
+def test_the_queries_required_above_zero_exist_and_keep_the_labels_they_are_filtered_on() -> None:
+    # tests/e2e/test_dashboards.py holds these to a value > 0: a renamed panel must not drop out of that check.
+    by_key = {target.key: target for target in TARGETS}
+    assert sorted(set(EXERCISED) - set(by_key)) == []
+    for key, labels in EXERCISED.items():
+        kept = {
+            label.strip()
+            for grouping in re.findall(r"\bby\s*\(([^)]*)\)", by_key[key].expr)
+            for label in grouping.split(",")
+        }
+        assert set(labels) <= kept, (key, sorted(set(labels) - kept))
+
+
 def test_the_latency_heatmap_carries_exemplars() -> None:
     heatmaps = [panel for panel in panels(_board("meshgate-overview")) if panel["type"] == "heatmap"]
     assert heatmaps
@@ -235,7 +245,7 @@ def test_dashboard_provisioning_loads_the_dashboards_directory() -> None:
     assert (provider["type"], provider["folder"]) == ("file", "meshgate")
     # docker compose mounts grafana/dashboards here.
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
-    assert sorted(path.name for path in DASHBOARDS_DIR.glob("*.json")) == sorted(
+    assert sorted(path.name for path in DASHBOARDS.glob("*.json")) == sorted(
         uid.removeprefix("meshgate-") + ".json" for uid in UIDS
     )
 
@@ -272,8 +282,23 @@ def test_family_strips_histogram_suffixes_only() -> None:
 
 
 def test_substitute_fills_grafanas_variables_and_refuses_unknown_ones() -> None:
-    assert substitute('x{service=~"$service",r=~"${route}"}[$__rate_interval] [$__range] $__interval') == (
+    assert substitute('x{service=~"$service",r=~"${route}"}[$__rate_interval] [$__range] $__interval', VARIABLES) == (
         'x{service=~".*",r=~".*"}[30s] [5m] 15s'
     )
+    assert substitute('label_replace(up, "d", "$1", "i", "(.*)")', VARIABLES) == (
+        'label_replace(up, "d", "$1", "i", "(.*)")'
+    )
     with pytest.raises(ValueError, match=r"\$nope"):
-        substitute("x{a=~'$nope'}")
+        substitute("x{a=~'$nope'}", VARIABLES)
+
+
+def test_panels_skip_rows_unless_asked_and_include_collapsed_rows_panels() -> None:
+    board = {
+        "panels": [
+            {"type": "row", "title": "open"},
+            {"type": "stat", "title": "a"},
+            {"type": "row", "title": "collapsed", "panels": [{"type": "table", "title": "b"}]},
+        ]
+    }
+    assert [panel["title"] for panel in panels(board)] == ["a", "b"]
+    assert [panel["title"] for panel in panels(board, rows=True)] == ["open", "a", "collapsed", "b"]
