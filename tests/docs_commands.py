@@ -20,8 +20,8 @@ The convention for commands in ``README.md`` and ``docs/*.md``:
   server command is one simple command: no ``&&``, pipes or variable assignments in front.
 - Any other command that ends with ``&`` runs in the background of the page's shell, as in a terminal, and is
   stopped (SIGTERM) at the end of the page; the page waits for what it needs itself (``until curl ...``).
-- Not run: ``docker compose ...`` (no Docker engine where the tests run; ``tests/integration/test_compose.py``
-  checks the compose files statically) and ``./scripts/setup`` / ``./scripts/test`` (CI runs exactly those two).
+- Not run: ``docker compose ...`` (no Docker engine where the tests run; ``tests/integration/test_compose_*.py``
+  check the compose files statically) and ``./scripts/setup`` / ``./scripts/test`` (CI runs exactly those two).
 """
 
 from __future__ import annotations

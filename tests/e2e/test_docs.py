@@ -8,10 +8,10 @@ is skipped, naming the port.
 
 Two kinds of commands are listed by the runner as not runnable, and checked otherwise:
 
-- ``docker compose ...``: there is no Docker engine where the tests run. tests/integration/test_compose.py checks the
-  compose file statically (mounts, ports, images, healthchecks, tokens, Prometheus targets, the OPA bundle path);
-  here each such command must name a compose file that exists, is the one test_compose.py checks, and has every
-  ``--profile`` it asks for.
+- ``docker compose ...``: there is no Docker engine where the tests run. tests/integration/test_compose_file.py and
+  test_compose_configs.py check the compose file statically (mounts, ports, images, healthchecks, tokens, Prometheus
+  targets, the OPA bundle path), both reading it through tests/compose_files.py; here each such command must name a
+  compose file that exists, is the one those tests check, and has every ``--profile`` it asks for.
 - ``./scripts/setup`` and ``./scripts/test`` (README): CI (``.ci/run``) runs exactly these two, so they are not run
   again from here.
 """
@@ -59,8 +59,13 @@ def test_page_commands_run(page: Path, tmp_path: Path) -> None:
 
 
 def test_docker_commands_are_checked_statically() -> None:
-    checked = (ROOT / "tests" / "integration" / "test_compose.py").read_text()
-    assert 'COMPOSE_DIR / "docker-compose.yml"' in checked  # the file test_compose.py reads
+    reader = (ROOT / "tests" / "compose_files.py").read_text()
+    assert 'COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"' in reader  # the file the compose tests read
+    assert 'COMPOSE_DIR = ROOT / "compose"' in reader
+    for test in ("test_compose_file.py", "test_compose_configs.py"):
+        source = (ROOT / "tests" / "integration" / test).read_text()
+        assert "from tests import compose_files as cf" in source, f"{test} does not read through tests/compose_files.py"
+        assert "cf.compose()" in source or "cf.services()" in source, f"{test} does not read the compose file"
     docker = [command for page in PAGES for command in commands(page) if command.text.startswith("docker")]
     assert docker, "the docs show how to run the compose stack"
     for command in docker:
@@ -70,7 +75,7 @@ def test_docker_commands_are_checked_statically() -> None:
         assert "-f" in words, f"{command.where}: name the compose file with -f"
         compose = ROOT / words[words.index("-f") + 1]
         assert compose == ROOT / "compose" / "docker-compose.yml", (
-            f"{command.where}: not the file test_compose.py checks"
+            f"{command.where}: not the file the compose tests check"
         )
         assert compose.is_file(), f"{command.where}: {compose} does not exist"
         services = yaml.safe_load(compose.read_text())["services"]
