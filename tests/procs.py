@@ -269,6 +269,26 @@ def log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
     return found
 
 
+def wait_until(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.25, what: str = "") -> T:
+    """Call ``fn`` until it returns something truthy, and return that; ``TimeoutError`` after ``timeout`` seconds
+    (with the last value, or the last exception ``fn`` raised, in the message)."""
+    # The sync twin of ``eventually``, for tests that poll processes from plain functions.
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = fn()
+        except Exception as exc:
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what or 'condition'} not met within {timeout}s; last: {last!r}")
+        time.sleep(interval)
+
+
 async def eventually(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
     """Poll ``check`` until it returns something truthy; fail with ``what`` after ``within`` seconds."""
     deadline = time.monotonic() + within

@@ -27,30 +27,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.procs import free_port, terminate
+from tests.procs import free_port, terminate, wait_until
 
 __all__ = ["Prometheus", "prometheus_server", "wait_until"]
 
 T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.25, what: str = "") -> T:
-    """Call ``fn`` until it returns something truthy, and return that; ``TimeoutError`` after ``timeout`` seconds
-    (with the last value, or the last exception ``fn`` raised, in the message)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = fn()
-        except Exception as exc:
-            last = exc
-        else:
-            if value:
-                return value
-            last = value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what or 'condition'} not met within {timeout}s; last: {last!r}")
-        time.sleep(interval)
 
 
 class PrometheusError(RuntimeError):

@@ -18,10 +18,9 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from gateway.demo.topology import localize
 from policy.bundle import build_tarball
 from tests.configservice_proc import ConfigService
 from tests.opa_server import opa_server
-from tests.procs import ROOT, free_port, gateway, log_events, stop, upstream, wait_http
+from tests.procs import ROOT, free_port, gateway, log_events, stop, upstream, wait_http, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -98,17 +97,6 @@ def http(
     except urllib.error.HTTPError as error:
         with error:
             return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
-
-
-def wait_for(check: Callable[[], object], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -241,10 +229,11 @@ def test_opa_pulls_the_bundle_from_the_config_service_and_decides_for_payments(t
             return body.decode().strip()
 
         def decision_log(decision_id: str) -> dict[str, Any]:
-            found = wait_for(
+            found = wait_until(
                 lambda: [e for e in log_events(gw, "decision") if e.get("decision_id") == decision_id],
-                5,
-                f"the decision log line of {decision_id}",
+                timeout=5,
+                interval=0.05,
+                what=f"the decision log line of {decision_id}",
             )
             line: dict[str, Any] = found[0]
             return line
@@ -283,7 +272,12 @@ def test_opa_pulls_the_bundle_from_the_config_service_and_decides_for_payments(t
 
         # Within the (rewritten) max polling delay, plus time for a download and a compile.
         max_delay = polling["max_delay_seconds"]
-        wait_for(lambda: opa_revision(opa_url) == new_revision, max_delay + 3, "OPA to activate the new bundle")
+        wait_until(
+            lambda: opa_revision(opa_url) == new_revision,
+            timeout=max_delay + 3,
+            interval=0.05,
+            what="OPA to activate the new bundle",
+        )
 
         status, headers, body = http("GET", f"{gw.url}/payments/p-2", token=bob)
         assert status == 200, body

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -16,21 +15,12 @@ import pytest
 
 from gateway.demo.topology import PORTS
 from tests.demo_proc import demo_stack, http, port_in_use
-from tests.procs import ROOT, metric_sum
+from tests.procs import ROOT, metric_sum, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ORDERS, PAYMENTS = "http://127.0.0.1:8081", "http://127.0.0.1:8082"
 ALICE_ROLES = "orders.read,orders.write,payments.read,payments.charge"
-
-
-def wait_for(check: object, timeout: float, what: str) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_demo_runs_the_topology_and_stops_everything(tmp_path: Path) -> None:
@@ -86,7 +76,7 @@ def test_demo_runs_the_topology_and_stops_everything(tmp_path: Path) -> None:
             lines = [r for r in demo.log("orders-sidecar") if r.get("decision_id") == denial["decision_id"]]
             return {r["event"] for r in lines} >= {"request", "decision"}
 
-        wait_for(logged, 10, "the denial's log lines")
+        wait_until(logged, timeout=10, interval=0.05, what="the denial's log lines")
         lines = [r for r in demo.log("orders-sidecar") if r.get("decision_id") == denial["decision_id"]]
         assert {r["trace_id"] for r in lines} == {denial["trace_id"]}
 
@@ -97,7 +87,7 @@ def test_demo_runs_the_topology_and_stops_everything(tmp_path: Path) -> None:
             def stored() -> bool:
                 return http(f"http://127.0.0.1:16686/api/traces/{trace_id}")[0] == 200
 
-            wait_for(stored, 15, "the denial's trace")
+            wait_until(stored, timeout=15, interval=0.05, what="the denial's trace")
             tags = json.dumps({"meshgate.authz.decision_id": denial["decision_id"]})
             query = urllib.parse.urlencode({"service": "orders", "tags": tags})
             found = json.loads(http(f"http://127.0.0.1:16686/api/traces?{query}")[2])
@@ -175,5 +165,10 @@ def test_demo_leaves_nothing_running_however_it_is_stopped(tmp_path: Path, how: 
         def all_gone() -> bool:
             return all(not Path(f"/proc/{pid}").exists() or _state(pid) == "Z" for pid in started)
 
-        wait_for(all_gone, 30, "every process the demo started to exit")
-        wait_for(lambda: not any(port_in_use(port) for port in PORTS.values()), 10, "the demo's ports to be free")
+        wait_until(all_gone, timeout=30, interval=0.05, what="every process the demo started to exit")
+        wait_until(
+            lambda: not any(port_in_use(port) for port in PORTS.values()),
+            timeout=10,
+            interval=0.05,
+            what="the demo's ports to be free",
+        )

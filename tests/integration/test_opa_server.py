@@ -10,10 +10,9 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import yaml
 
 from policy.bundle import build_tarball
 from tests.opa_server import opa_server
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, wait_until
 
 POLICY = """package demo
 
@@ -256,14 +255,6 @@ def decide(url: str, user: str) -> tuple[object, str | None]:
     return body.get("result"), revision
 
 
-def wait_until(check: Callable[[], bool], what: str, within: float = 6.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_bundle_download_health_and_etag_protocol(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("t0ken\n")
@@ -271,7 +262,7 @@ def test_bundle_download_health_and_etag_protocol(tmp_path: Path) -> None:
         config = write_config(tmp_path, service.port, {"bearer": {"token_path": str(token_file)}})
         with opa_server(config_file=config, log_path=tmp_path / "opa.log") as url:
             # Nothing to download yet (404): serving, but not healthy for ?bundles, as OPA.
-            wait_until(lambda: len(service.seen()) >= 1, "a first download attempt")
+            wait_until(lambda: len(service.seen()) >= 1, timeout=6.0, interval=0.05, what="a first download attempt")
             assert http_json("GET", f"{url}/health") == (200, {})
             for query in ("bundles", "bundles=true", "bundles=TRUE"):
                 assert http_json("GET", f"{url}/health?{query}") == (
@@ -282,7 +273,12 @@ def test_bundle_download_health_and_etag_protocol(tmp_path: Path) -> None:
             assert decide(url, "alice") == (None, None)  # undefined: no policy, no bundle in provenance
 
             etag1 = service.publish(bundle_bytes(tmp_path, "r1", ["alice"]))
-            wait_until(lambda: http_json("GET", f"{url}/health?bundles")[0] == 200, "bundle r1 activated")
+            wait_until(
+                lambda: http_json("GET", f"{url}/health?bundles")[0] == 200,
+                timeout=6.0,
+                interval=0.05,
+                what="bundle r1 activated",
+            )
             assert decide(url, "alice") == (True, "r1")
             assert decide(url, "bob") == (False, "r1")
             # The policy id is OPA's: <bundle name>/<file in the bundle>.
@@ -290,17 +286,19 @@ def test_bundle_download_health_and_etag_protocol(tmp_path: Path) -> None:
 
             # Unchanged: every later poll sends the ETag back and gets a 304; the bundle was downloaded once.
             first_200 = next(i for i, r in enumerate(service.seen()) if r[2] == 200)
-            wait_until(lambda: len(service.seen()) >= first_200 + 3, "two more polls")
+            wait_until(lambda: len(service.seen()) >= first_200 + 3, timeout=6.0, interval=0.05, what="two more polls")
             later = service.seen()[first_200 + 1 :]
             assert all(r == ("Bearer t0ken", etag1, 304) for r in later), later
             assert all(r[1] is None for r in service.seen()[:first_200])  # nothing to send before a download
 
             # Changed: the next poll gets the new bundle, which replaces the old one's data under its root.
             etag2 = service.publish(bundle_bytes(tmp_path, "r2", ["bob"]))
-            wait_until(lambda: decide(url, "bob") == (True, "r2"), "bundle r2 activated")
+            wait_until(
+                lambda: decide(url, "bob") == (True, "r2"), timeout=6.0, interval=0.05, what="bundle r2 activated"
+            )
             assert decide(url, "alice") == (False, "r2")  # r1's users are gone, not merged
             n = len(service.seen())
-            wait_until(lambda: len(service.seen()) > n, "a poll after r2")
+            wait_until(lambda: len(service.seen()) > n, timeout=6.0, interval=0.05, what="a poll after r2")
             assert service.seen()[-1] == ("Bearer t0ken", etag2, 304)
         assert "bundle authz: activated revision 'r2'" in (tmp_path / "opa.log").read_text()
 
@@ -318,11 +316,21 @@ def test_token_path_is_read_on_every_request(tmp_path: Path) -> None:
             service.require("Bearer two")
             token_file.write_text("  two \n")
             service.publish(bundle_bytes(tmp_path, "r2", ["bob"]))
-            wait_until(lambda: decide(url, "bob") == (True, "r2"), "r2 downloaded with the rotated token")
+            wait_until(
+                lambda: decide(url, "bob") == (True, "r2"),
+                timeout=6.0,
+                interval=0.05,
+                what="r2 downloaded with the rotated token",
+            )
             assert any(r[0] == "Bearer two" and r[2] == 200 for r in service.seen())
             # A token file that is gone fails the download, and the activated bundle keeps serving.
             token_file.unlink()
-            wait_until(lambda: "token_path" in (tmp_path / "opa.log").read_text(), "a failed download")
+            wait_until(
+                lambda: "token_path" in (tmp_path / "opa.log").read_text(),
+                timeout=6.0,
+                interval=0.05,
+                what="a failed download",
+            )
             assert all(r[0] is not None for r in service.seen())  # no request went out without its credential
             assert decide(url, "bob") == (True, "r2")
 
@@ -345,18 +353,25 @@ def test_a_broken_bundle_keeps_the_previous_one(tmp_path: Path) -> None:
 
             # Not a tarball: a download error. r1 keeps serving and the health stays good.
             garbage = service.publish(b"this is not a gzipped tarball")
-            wait_until(lambda: "download failed" in log.read_text(), "the garbage to be refused")
+            wait_until(
+                lambda: "download failed" in log.read_text(),
+                timeout=6.0,
+                interval=0.05,
+                what="the garbage to be refused",
+            )
             assert decide(url, "alice") == (True, "r1")
             assert http_json("GET", f"{url}/health?bundles") == (200, {})
             # OPA resets its cache to the activated bundle's ETag: the broken one is fetched again, not skipped.
             n = len(service.seen())
-            wait_until(lambda: len(service.seen()) > n, "the next poll")
+            wait_until(lambda: len(service.seen()) > n, timeout=6.0, interval=0.05, what="the next poll")
             assert service.seen()[-1][1:] == (etag1, 200)
             assert garbage not in {r[1] for r in service.seen()}
 
             # Parses, but does not compile (an unknown function): an activation error, r1 still serving.
             service.publish(bundle_bytes(tmp_path, "r2", ["bob"], "package t\n\nallow if nope(input.user)\n"))
-            wait_until(lambda: "activation failed" in log.read_text(), "r2 to be refused")
+            wait_until(
+                lambda: "activation failed" in log.read_text(), timeout=6.0, interval=0.05, what="r2 to be refused"
+            )
             assert decide(url, "alice") == (True, "r1")
             assert decide(url, "bob") == (False, "r1")  # r2's data was not written either
             assert "rego_type_error" in log.read_text()
@@ -370,13 +385,18 @@ def test_a_broken_bundle_keeps_the_previous_one(tmp_path: Path) -> None:
                 "data.json": json.dumps({"t": {"users": ["bob"]}}),
             }
             service.publish(raw_tarball(outside))
-            wait_until(lambda: "outside the manifest roots" in log.read_text(), "r3 to be refused")
+            wait_until(
+                lambda: "outside the manifest roots" in log.read_text(),
+                timeout=6.0,
+                interval=0.05,
+                what="r3 to be refused",
+            )
             assert decide(url, "bob") == (False, "r1")
 
             # Fixed: the next good bundle is activated, its test module with it (OPA loads *_test.rego too).
             inside = {"t_test.rego": "package t.tests\n\nimport rego.v1\n\ntest_x if true\n"}
             service.publish(bundle_bytes(tmp_path, "r4", ["bob"], extra=inside))
-            wait_until(lambda: decide(url, "bob") == (True, "r4"), "r4 activated")
+            wait_until(lambda: decide(url, "bob") == (True, "r4"), timeout=6.0, interval=0.05, what="r4 activated")
             policies = {p["id"] for p in http_json("GET", f"{url}/v1/policies")[1]["result"]}
             assert policies == {"authz/t.rego", "authz/t_test.rego"}
 
