@@ -48,6 +48,10 @@ IDP = "http://127.0.0.1:7777"
 CONFIG_SERVICE = "http://127.0.0.1:7000"
 ALICE_ROLES = "orders.read,orders.write,payments.read,payments.charge"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The optional parts' ports, from the one table of them (topology.OPTIONAL_PORTS).
+OTLP, TRACES, PROMETHEUS, REDIS = (
+    OPTIONAL_PORTS[name] for name in ("trace store (OTLP)", "trace store (query)", "Prometheus", "Redis")
+)
 # Every URL the demo itself opens is on 127.0.0.1: never through a proxy from the environment.
 _URLS = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -140,16 +144,16 @@ def _prepare(options: DemoOptions) -> list[Process]:
 
     skipped = [f"{what} 127.0.0.1:{port}" for what, port in OPTIONAL_PORTS.items() if _in_use(port)]
     if skipped:
-        # Not started by the demo; whatever listens there is what the stack will talk to (a Redis on 6379 gets the
+        # Not started by the demo; whatever listens there is what the stack will talk to (a Redis there gets the
         # shared rate-limit keys).
         print("meshgate demo: ports in use, not started by the demo: " + ", ".join(skipped), flush=True)
     plan: list[Process] = []
-    if not any(_in_use(port) for port in (4318, 16686)):
-        argv = [PYTHON, "-m", "gateway.demo.traces", "--otlp", "127.0.0.1:4318", "--query", "127.0.0.1:16686"]
-        plan.append(Process("traces", argv, "http://127.0.0.1:16686/api/services", optional=True))
+    if not any(_in_use(port) for port in (OTLP, TRACES)):
+        argv = [PYTHON, "-m", "gateway.demo.traces", "--otlp", f"127.0.0.1:{OTLP}", "--query", f"127.0.0.1:{TRACES}"]
+        plan.append(Process("traces", argv, f"http://127.0.0.1:{TRACES}/api/services", optional=True))
     redis = shutil.which("redis-server")
-    if redis is not None and not _in_use(6379):
-        argv = [redis, "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if redis is not None and not _in_use(REDIS):
+        argv = [redis, "--port", str(REDIS), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         plan.append(Process("redis", argv, None))
     plan.append(Process("idp", [PYTHON, "-m", "gateway.demo.idp", "--listen", "127.0.0.1:7777"], f"{IDP}/"))
     configservice = [PYTHON, "-m", "gateway", "configservice", "--data", str(data / "configservice")]
@@ -170,7 +174,7 @@ def _prepare(options: DemoOptions) -> list[Process]:
         argv = [PYTHON, "-m", "gateway", "run", "-c", str(data / "gateways" / f"{service}.json")]
         plan.append(Process(f"{service}-sidecar", argv, f"http://127.0.0.1:{admin}/readyz"))
     prometheus = shutil.which("prometheus")
-    if options.prometheus and prometheus is not None and not _in_use(9090):
+    if options.prometheus and prometheus is not None and not _in_use(PROMETHEUS):
         plan.append(_prometheus(prometheus, data, options.scrape_interval))
     if options.traffic:
         plan.append(Process("traffic", [PYTHON, "-m", "gateway.demo.traffic"], None))
@@ -230,10 +234,10 @@ def _prometheus(binary: str, data: Path, interval: str | None) -> Process:
         binary,
         f"--config.file={directory / 'prometheus.yml'}",
         f"--storage.tsdb.path={directory / 'data'}",
-        "--web.listen-address=127.0.0.1:9090",
+        f"--web.listen-address=127.0.0.1:{PROMETHEUS}",
         "--enable-feature=exemplar-storage",
     ]
-    return Process("prometheus", argv, "http://127.0.0.1:9090/-/ready", optional=True)
+    return Process("prometheus", argv, f"http://127.0.0.1:{PROMETHEUS}/-/ready", optional=True)
 
 
 def _start(process: Process, logs: Path) -> subprocess.Popen[bytes]:
@@ -271,9 +275,10 @@ def _banner(options: DemoOptions, started: list[str]) -> str:
         f"  demo IdP           {IDP}   mints a token for any user and roles (demo only)",
     ]
     if "traces" in started:
-        lines.append("  traces             http://127.0.0.1:16686  Jaeger's query API, a local stand-in")
+        lines.append(f"  traces             http://127.0.0.1:{TRACES}  Jaeger's query API, a local stand-in")
     if "prometheus" in started:
-        lines.append("  Prometheus         http://127.0.0.1:9090   dashboards' queries: grafana/dashboards/*.json")
+        prometheus = f"http://127.0.0.1:{PROMETHEUS}"
+        lines.append(f"  Prometheus         {prometheus}   dashboards' queries: grafana/dashboards/*.json")
     lines += [f"  logs (JSON lines)  {data / 'logs'}", ""]
     lines += _try_lines("traces" in started)
     lines += ["", *_example(data / "logs", "traces" in started), ""]
@@ -294,8 +299,8 @@ def _try_lines(traces: bool) -> list[str]:
     ]
     if traces:
         lines += [
-            "  curl -s http://127.0.0.1:16686/api/traces/TRACE_ID        # a trace, by the trace_id of a reply",
-            "  curl -s -G http://127.0.0.1:16686/api/traces --data-urlencode service=orders \\",
+            f"  curl -s http://127.0.0.1:{TRACES}/api/traces/TRACE_ID        # a trace, by the trace_id of a reply",
+            f"  curl -s -G http://127.0.0.1:{TRACES}/api/traces --data-urlencode service=orders \\",
             '       --data-urlencode \'tags={"meshgate.authz.decision_id":"DECISION_ID"}\'   # by decision id',
         ]
     return lines
@@ -327,7 +332,7 @@ def _example(logs: Path, traces: bool) -> list[str]:
         f"  log:    grep {body.get('decision_id')} {logs / 'orders-sidecar.log'}   (access and decision log lines)",
     ]
     if traces:
-        lines.insert(2, f"  trace:  http://127.0.0.1:16686/api/traces/{trace}")
+        lines.insert(2, f"  trace:  http://127.0.0.1:{TRACES}/api/traces/{trace}")
     return lines
 
 
